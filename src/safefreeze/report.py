@@ -1,0 +1,152 @@
+"""Writing a run (report.json, report.md, the adapter) and the side-by-side comparison table.
+
+A run directory appears whole or not at all: everything is written into a hidden staging
+directory beside ``--out`` and renamed into place at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from peft import PeftModel
+
+from safefreeze.config import ConfigError
+
+MIB = 2**20
+
+
+def check_out_dir(out: Path) -> None:
+    """Refuse an ``--out`` that holds something other than an earlier run, or cannot be written."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} is a file; choose a directory")
+    if (
+        out.is_dir()
+        and any(out.iterdir())
+        and not (out / "report.json").exists()
+        and not (out / "comparison.json").exists()
+    ):
+        raise ConfigError(f"--out {out} already holds files that are not a safefreeze run; choose an empty directory")
+    parent = out.parent if not out.exists() else out
+    parent.mkdir(parents=True, exist_ok=True)
+    if not os.access(parent, os.W_OK):
+        raise ConfigError(f"--out {out} is not writable; choose a directory you can write to")
+
+
+def write_run(out: Path, report: dict, model=None) -> None:
+    """Write report.json, report.md and the trained adapter (``adapter/``) or model (``model/``)."""
+
+    def fill(staging: Path) -> None:
+        (staging / "report.json").write_text(json.dumps(report, indent=1))
+        (staging / "report.md").write_text(render_run(report))
+        if model is not None:
+            model.save_pretrained(staging / ("adapter" if isinstance(model, PeftModel) else "model"))
+
+    write_atomically(out, fill)
+
+
+def write_atomically(out: Path, fill) -> None:
+    """Build a directory with ``fill(staging)`` beside ``out``, then swap it into place."""
+    out = Path(out)
+    staging = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        fill(staging)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if out.exists():
+        shutil.rmtree(out)
+    staging.rename(out)
+
+
+def primary_score(report: dict) -> tuple[str, float]:
+    name, value = next(iter(report["eval"].items()))
+    return name, value
+
+
+def _fmt(value, scale: float = 1.0, digits: int = 2) -> str:
+    return "n/a" if value is None else f"{value / scale:,.{digits}f}"
+
+
+def render_run(report: dict) -> str:
+    """A run's report.md: what ran, how well it did, what it cost, what got frozen."""
+    s = report["summary"]
+    lines = [
+        f"# safefreeze run: {report['method']} on {report['model']} / {report['dataset']} (seed {report['seed']})",
+        "",
+        "| metric | value |",
+        "|---|---|",
+        *[f"| {name} | {value:.4f} |" for name, value in report["eval"].items()],
+        f"| mean activation MiB | {_fmt(s['activation_bytes_mean'], MIB)} |",
+        f"| peak activation MiB | {_fmt(s['activation_bytes_peak'], MIB)} |",
+        f"| GFLOPs per step | {_fmt(s['flops_per_step_mean'], 1e9)} |",
+        f"| seconds per step | {_fmt(s['seconds_per_step_mean'], 1, 4)} |",
+        f"| train seconds | {_fmt(s['train_seconds'], 1, 1)} |",
+        f"| frozen units | {s['frozen_units']} / {s['total_units']} |",
+        f"| trainable parameters (end) | {s['trainable_parameters_end']:,} |",
+        f"| optimizer state bytes (end) | {s['optimizer_state_bytes_end']:,} |",
+    ]
+    if report["units"] and report["method"] == "safe":
+        lines += ["", "## Units", "", "| unit | frozen at step | last importance |", "|---|---|---|"]
+        for unit in report["units"]:
+            last = unit["scores"][-1][1] if unit["scores"] else None
+            frozen = unit["frozen_at_step"] if unit["frozen_at_step"] is not None else "—"
+            lines.append(f"| {unit['name']} | {frozen} | {_fmt(last, 1, 3)} |")
+    return "\n".join(lines) + "\n"
+
+
+def comparison_rows(reports: dict[str, dict]) -> list[dict]:
+    """One row per method with the compared quantities (None where not measured)."""
+    rows = []
+    for method, report in reports.items():
+        s = report["summary"]
+        metric, score = primary_score(report)
+        rows.append(
+            {
+                "method": method,
+                "metric": metric,
+                "score": score,
+                "activation_mib_mean": s["activation_bytes_mean"] / MIB,
+                "activation_mib_peak": s["activation_bytes_peak"] / MIB,
+                "gflops_per_step": None if s["flops_per_step_mean"] is None else s["flops_per_step_mean"] / 1e9,
+                "seconds_per_step": s["seconds_per_step_mean"],
+                "frozen_units": f"{s['frozen_units']}/{s['total_units']}",
+            }
+        )
+    return rows
+
+
+_COLUMNS = [
+    ("score", "score", 4),
+    ("activation_mib_mean", "act. MiB mean", 2),
+    ("activation_mib_peak", "act. MiB peak", 2),
+    ("gflops_per_step", "GFLOPs/step", 2),
+    ("seconds_per_step", "s/step", 4),
+]
+
+
+def render_comparison(rows: list[dict]) -> str:
+    """Markdown table of methods side by side, plus each method's ratio to the first row."""
+    metric = rows[0]["metric"]
+    header = ["method", *[label if key != "score" else metric for key, label, _ in _COLUMNS], "frozen units"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        cells = [row["method"], *[_fmt(row[key], 1, digits) for key, _, digits in _COLUMNS], row["frozen_units"]]
+        lines.append("| " + " | ".join(cells) + " |")
+    base = rows[0]
+    for row in rows[1:]:
+        cells = [f"{row['method']} / {base['method']}"]
+        for key, _, _ in _COLUMNS:
+            if key == "score":
+                cells.append(f"{row[key] - base[key]:+.4f} (Δ)")
+            elif row[key] is None or not base[key]:
+                cells.append("n/a")
+            else:
+                cells.append(f"{row[key] / base[key]:.3f}×")
+        cells.append("")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,274 @@
+"""The reference training loop: plain PyTorch, AdamW, linear LR schedule, seeded.
+
+One loop serves every method: ``full`` (all weights), ``lora`` (PEFT LoRA) and ``safe``
+(LoRA + ``SafeFreezer``). Every step is measured the same way (accounting.py): bytes
+autograd saves for backward, FLOPs on sampled steps, seconds on the others.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import get_linear_schedule_with_warmup
+
+from safefreeze import accounting
+from safefreeze.config import ConfigError, SafeConfig
+from safefreeze.data import Collator, TaskData, encode, epoch_order, iterate_batches, load_task
+from safefreeze.freezer import SafeFreezer
+from safefreeze.metrics import classification_metrics, language_model_metrics
+from safefreeze.models import add_lora, load_model, load_tokenizer, model_kind, resolve_model
+from safefreeze.units import find_blocks, find_units
+
+METHODS = ("lora", "safe", "full")
+DEFAULT_LR = {"full": 5e-5, "lora": 1e-3, "safe": 1e-3}
+DEFAULT_MAX_LENGTH = {"classification": 64, "causal_lm": 128}
+
+
+@dataclass
+class TrainConfig:
+    """One training run. Help texts feed ``safefreeze train --help``."""
+
+    model: str = field(
+        default="minilm", metadata={"help": "bundled model (minilm, smollm2), model directory or .gguf file"}
+    )
+    dataset: str = field(
+        default="trec", metadata={"help": "bundled dataset: trec, movies (classification), hamlet (causal LM)"}
+    )
+    method: str = field(default="safe", metadata={"help": "lora, safe (LoRA + selective freezing) or full fine-tuning"})
+    epochs: float = field(default=3.0, metadata={"help": "passes over the training split (ignored with --max-steps)"})
+    max_steps: int | None = field(default=None, metadata={"help": "stop after this many optimizer steps"})
+    batch_size: int = field(default=32, metadata={"help": "examples per optimizer step"})
+    lr: float | None = field(
+        default=None, metadata={"help": "peak learning rate (default: 1e-3 for adapters, 5e-5 for full)"}
+    )
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    lr_warmup_ratio: float = field(default=0.06, metadata={"help": "fraction of steps the learning rate ramps up over"})
+    max_length: int | None = field(
+        default=None, metadata={"help": "tokens per example (default 64; 128 for causal LM)"}
+    )
+    rank: int = field(default=8, metadata={"help": "LoRA rank"})
+    alpha: float = field(default=16.0, metadata={"help": "LoRA alpha (scale = alpha / rank)"})
+    lora_dropout: float = field(default=0.1, metadata={"help": "dropout on the LoRA branch input"})
+    seed: int = field(default=0, metadata={"help": "seed for initialisation, data order and dropout"})
+    eval_batch_size: int = field(default=64, metadata={"help": "examples per evaluation batch"})
+    flops_every: int = field(default=25, metadata={"help": "count FLOPs on step 1 and every N steps after"})
+    device: str = field(default="auto", metadata={"help": "cpu, cuda, cuda:N or auto"})
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ConfigError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ConfigError(f"max_steps must be >= 1, got {self.max_steps}")
+        if self.epochs <= 0:
+            raise ConfigError(f"epochs must be > 0, got {self.epochs}")
+        if self.lr is not None and not 0 < self.lr < 1:
+            raise ConfigError(f"lr must be in (0, 1), got {self.lr}")
+        if self.max_length is not None and self.max_length < 2:
+            raise ConfigError(f"max_length must be >= 2 tokens, got {self.max_length}")
+        if self.flops_every < 1 or self.eval_batch_size < 1 or self.rank < 1:
+            raise ConfigError("flops_every, eval_batch_size and rank must be >= 1")
+
+    @property
+    def learning_rate(self) -> float:
+        return self.lr if self.lr is not None else DEFAULT_LR[self.method]
+
+
+@dataclass
+class RunResult:
+    """What a run leaves: its report (see README, "report.json") and the trained model."""
+
+    report: dict
+    model: nn.Module
+    freezer: SafeFreezer | None = None
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def prepare(config: TrainConfig):
+    """Task, tokenizer, encoded splits and the (adapter-wrapped) model, with clear errors."""
+    task = load_task(config.dataset)
+    source = resolve_model(config.model)
+    if task.kind == "causal_lm" and model_kind(source) != "decoder":
+        raise ConfigError(f"{config.dataset} is a causal-LM dataset; use a decoder model such as smollm2")
+    tokenizer = load_tokenizer(source)
+    max_length = config.max_length or DEFAULT_MAX_LENGTH[task.kind]
+    train_examples, test_examples = encode(task, tokenizer, max_length)
+    if len(train_examples) < config.batch_size:
+        raise ConfigError(
+            f"batch_size {config.batch_size} is larger than the {len(train_examples)} training examples; "
+            "lower --batch-size"
+        )
+    if not test_examples:
+        raise ConfigError(f"{config.dataset} has no test examples at max_length {max_length}")
+    seed_everything(config.seed)
+    model = load_model(source, task.kind, len(task.labels), tokenizer.pad_token_id)
+    if config.method in ("lora", "safe"):
+        model = add_lora(model, task.kind, config.rank, config.alpha, config.lora_dropout)
+    return task, tokenizer, train_examples, test_examples, model
+
+
+def train(config: TrainConfig, safe: SafeConfig | None = None, progress: bool = True) -> RunResult:
+    """Train, measure every step, evaluate on the held-out split; return the report and model."""
+    safe = safe or SafeConfig(seed=config.seed)
+    task, tokenizer, train_examples, test_examples, model = prepare(config)
+    device = resolve_device(config.device)
+    model.to(device)
+    collate = Collator(tokenizer, task.kind)
+
+    steps_per_epoch = math.ceil(len(train_examples) / config.batch_size)
+    total_steps = config.max_steps or math.ceil(config.epochs * steps_per_epoch)
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
+    scheduler = get_linear_schedule_with_warmup(optimizer, round(config.lr_warmup_ratio * total_steps), total_steps)
+    freezer = None
+    if config.method == "safe":
+        if safe.warmup_steps is not None and safe.warmup_steps > total_steps:
+            raise ConfigError(f"warm-up of {safe.warmup_steps} steps is longer than the {total_steps} training steps")
+        probe_order = epoch_order(len(train_examples), config.seed, epoch=-1)[: safe.probe_size]
+        probe = collate([train_examples[i] for i in probe_order])
+        probe.pop("labels")
+        freezer = SafeFreezer(model, safe, optimizer, probe=probe, total_steps=total_steps)
+    scopes = {f"block.{i}": block for i, block in find_blocks(model).items()}
+    trainable_at_start = accounting.trainable_parameters(model)
+
+    steps: list[dict] = []
+    scoring_seconds = 0.0
+    model.train()
+    started = accounting.now(device)
+    bar = tqdm(total=total_steps, desc=f"{config.method} {config.dataset}", disable=not progress, leave=False)
+    step = 0
+    for epoch in range(math.ceil(total_steps / steps_per_epoch)):
+        for batch in iterate_batches(
+            train_examples, config.batch_size, collate, epoch_order(len(train_examples), config.seed, epoch)
+        ):
+            step += 1
+            if step > total_steps:
+                break
+            batch = {k: v.to(device) for k, v in batch.items()}
+            sample_flops = (step - 1) % config.flops_every == 0
+            step_start = accounting.now(device)
+            counter = accounting.flop_counter(sample_flops)
+            with accounting.record_saved_tensors(model, scopes) as saved, counter:
+                loss = model(**batch).loss
+                loss.backward()
+            flops = counter.get_total_flops()
+            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            seconds = accounting.now(device) - step_start
+            if freezer is not None and freezer.is_due(step):
+                score_start = accounting.now(device)
+                freezer.step(step)
+                scoring_seconds += accounting.now(device) - score_start
+            steps.append(
+                {
+                    "step": step,
+                    "loss": loss.item(),
+                    "activation_bytes": saved.bytes,
+                    "flops": flops,
+                    "seconds": None if sample_flops else seconds,
+                    "frozen_units": len(freezer.frozen) if freezer else 0,
+                }
+            )
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3f}", frozen=len(freezer.frozen) if freezer else 0)
+    bar.close()
+    train_seconds = accounting.now(device) - started
+
+    evaluation = evaluate(model, task, test_examples, collate, config.eval_batch_size, device, progress)
+    report = build_report(config, safe, task, model, freezer, optimizer, steps, evaluation)
+    report["summary"].update(
+        train_seconds=train_seconds,
+        scoring_seconds=scoring_seconds,
+        trainable_parameters_start=trainable_at_start,
+        cuda_peak_bytes=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
+    )
+    return RunResult(report, model, freezer)
+
+
+@torch.no_grad()
+def evaluate(
+    model, task: TaskData, examples, collate, batch_size: int, device, progress: bool = False
+) -> dict[str, float]:
+    """Metrics on the held-out split, the primary metric first."""
+    model.eval()
+    predictions, targets = [], []
+    total_loss, total_tokens = 0.0, 0
+    for batch in tqdm(
+        iterate_batches(examples, batch_size, collate, list(range(len(examples)))),
+        desc="eval",
+        total=math.ceil(len(examples) / batch_size),
+        disable=not progress,
+        leave=False,
+    ):
+        batch = {k: v.to(device) for k, v in batch.items()}
+        output = model(**batch)
+        if task.kind == "classification":
+            predictions.append(output.logits.argmax(-1).cpu())
+            targets.append(batch["labels"].cpu())
+        else:
+            tokens = int((batch["labels"][:, 1:] != -100).sum())
+            total_loss += float(output.loss) * tokens
+            total_tokens += tokens
+    model.train()
+    if task.kind == "classification":
+        return classification_metrics(torch.cat(predictions), torch.cat(targets), len(task.labels))
+    return language_model_metrics(total_loss, total_tokens)
+
+
+def build_report(config, safe, task, model, freezer, optimizer, steps, evaluation) -> dict:
+    """The run's report.json content (schema in README, "report.json")."""
+    units = freezer.units if freezer else (find_units(model) if config.method == "lora" else [])
+    unit_rows = [
+        {
+            "name": unit.name,
+            "block": unit.block,
+            "frozen_at_step": freezer.frozen.get(unit.name) if freezer else None,
+            "scores": freezer.history[unit.name] if freezer else [],
+        }
+        for unit in units
+    ]
+    activation = [s["activation_bytes"] for s in steps]
+    flops = [s["flops"] for s in steps if s["flops"] is not None]
+    seconds = [s["seconds"] for s in steps if s["seconds"] is not None]
+    return {
+        "method": config.method,
+        "model": config.model,
+        "dataset": config.dataset,
+        "seed": config.seed,
+        "config": asdict(config),
+        "safe_config": safe.to_dict() if config.method == "safe" else None,
+        "warmup_steps": freezer.warmup_steps if freezer else None,
+        "eval": evaluation,
+        "units": unit_rows,
+        "steps": steps,
+        "summary": {
+            "activation_bytes_mean": sum(activation) / len(activation),
+            "activation_bytes_peak": max(activation),
+            "flops_per_step_mean": sum(flops) / len(flops) if flops else None,
+            "seconds_per_step_mean": sum(seconds) / len(seconds) if seconds else None,
+            "frozen_units": len(freezer.frozen) if freezer else 0,
+            "total_units": len(units),
+            "trainable_parameters_end": accounting.trainable_parameters(model),
+            "optimizer_state_bytes_end": accounting.optimizer_state_bytes(optimizer),
+        },
+    }
