@@ -1,0 +1,64 @@
+"""Shared fixtures: the bundled MiniLM with LoRA and real TREC batches, seeded."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
+
+from safefreeze.data import Collator, encode, load_task  # noqa: E402
+from safefreeze.models import add_lora, load_model, load_tokenizer, resolve_model  # noqa: E402
+
+transformers.logging.set_verbosity_error()
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def minilm_source():
+    return resolve_model("minilm")
+
+
+@pytest.fixture(scope="session")
+def minilm_tokenizer(minilm_source):
+    return load_tokenizer(minilm_source)
+
+
+@pytest.fixture(scope="session")
+def trec_task():
+    return load_task("trec")
+
+
+@pytest.fixture(scope="session")
+def trec_examples(trec_task, minilm_tokenizer):
+    train, _ = encode(trec_task, minilm_tokenizer, 64)
+    return train
+
+
+@pytest.fixture
+def trec_batch(trec_examples, minilm_tokenizer):
+    """``trec_batch(n, offset=0)``: n real TREC training examples as a padded batch with labels."""
+    collate = Collator(minilm_tokenizer, "classification")
+
+    def make(n: int, offset: int = 0) -> dict[str, torch.Tensor]:
+        return collate(trec_examples[offset : offset + n])
+
+    return make
+
+
+@pytest.fixture
+def lora_minilm(minilm_source, trec_task):
+    """``lora_minilm(seed=0)``: MiniLM for 6-class TREC with LoRA (r=8) on query/value, in train mode."""
+
+    def make(seed: int = 0):
+        torch.manual_seed(seed)
+        model = add_lora(
+            load_model(minilm_source, "classification", len(trec_task.labels)), "classification", 8, 16, 0.0
+        )
+        model.train()
+        return model
+
+    return make
