@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import sys
+import warnings
 from dataclasses import MISSING, fields, replace
 from pathlib import Path
 
@@ -124,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
         import transformers
 
         transformers.logging.set_verbosity_error()
+        transformers.logging.disable_progress_bar()
+        warnings.filterwarnings("ignore", category=FutureWarning)  # deprecation chatter from dependencies
         {"train": command_train, "compare": command_compare}[args.command](args)
     except ConfigError as error:
         print(f"safefreeze: error: {error}", file=sys.stderr)

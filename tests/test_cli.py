@@ -1,0 +1,77 @@
+import json
+
+import pytest
+
+from safefreeze.cli import main
+
+FAST = ["--max-steps", "6", "--batch-size", "8", "--flops-every", "3", "--eval-batch-size", "128", "--quiet"]
+SAFE_FAST = ["--warmup-steps", "4", "--score-every", "2", "--tau", "0.9", "--probe-size", "8"]
+
+
+def _check_report(report, method):
+    assert report["method"] == method and report["model"] == "minilm" and report["dataset"] == "trec"
+    assert report["seed"] == 0
+    assert list(report["eval"])[0] == "accuracy" and 0.0 <= report["eval"]["accuracy"] <= 1.0
+    assert [s["step"] for s in report["steps"]] == list(range(1, 7))
+    assert all(s["activation_bytes"] > 0 and s["loss"] > 0 for s in report["steps"])
+    assert [s["flops"] is not None for s in report["steps"]] == [True, False, False, True, False, False]
+    assert all((s["seconds"] is None) == (s["flops"] is not None) for s in report["steps"])
+    summary = report["summary"]
+    for key in ("activation_bytes_mean", "activation_bytes_peak", "flops_per_step_mean", "seconds_per_step_mean"):
+        assert summary[key] > 0
+    assert summary["total_units"] == 6 and summary["train_seconds"] > 0
+    assert [u["name"] for u in report["units"]] == [f"block.{i}" for i in range(6)]
+
+
+def test_train_writes_report_and_adapter(tmp_path):
+    out = tmp_path / "run"
+    assert main(["train", "--method", "safe", "--out", str(out), *FAST, *SAFE_FAST]) == 0
+    report = json.loads((out / "report.json").read_text())
+    _check_report(report, "safe")
+    frozen = [u for u in report["units"] if u["frozen_at_step"] is not None]
+    assert report["summary"]["frozen_units"] == len(frozen) >= 1  # τ = 0.9 freezes every unit but the top ones
+    assert all(u["frozen_at_step"] in (2, 4) and u["scores"] for u in frozen)
+    assert all(len(u["scores"]) == 2 for u in report["units"])  # measured at steps 2 and 4
+    assert (out / "adapter" / "adapter_model.safetensors").exists()
+    assert "# safefreeze run: safe" in (out / "report.md").read_text()
+    assert not list(tmp_path.glob(".run.partial*"))
+
+
+def test_compare_prints_side_by_side(tmp_path, capsys):
+    out = tmp_path / "cmp"
+    assert main(["compare", "--out", str(out), *FAST, *SAFE_FAST]) == 0
+    printed = capsys.readouterr().out
+    assert "| lora |" in printed and "| safe |" in printed and "safe / lora" in printed
+    lora, safe = (json.loads((out / m / "report.json").read_text()) for m in ("lora", "safe"))
+    _check_report(lora, "lora")
+    _check_report(safe, "safe")
+    # Same seed and data: identical until the first freeze, so step 1 costs the same.
+    assert lora["steps"][0]["loss"] == safe["steps"][0]["loss"]
+    assert lora["steps"][0]["activation_bytes"] == safe["steps"][0]["activation_bytes"]
+    assert safe["summary"]["activation_bytes_mean"] < lora["summary"]["activation_bytes_mean"]
+    rows = json.loads((out / "comparison.json").read_text())
+    assert [r["method"] for r in rows] == ["lora", "safe"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--model", "no-such-model"], "unknown model 'no-such-model'"),
+        (["--model", "/no/such/dir/model.gguf"], "unknown model"),
+        (["--dataset", "imdb"], "unknown dataset 'imdb'"),
+        (["--tau", "1.5"], "tau must be in [0, 1]"),
+        (["--tau", "abc"], "invalid float value"),
+        (["--method", "magic"], "unknown method 'magic'"),
+        (["--batch-size", "100000"], "larger than the"),
+    ],
+)
+def test_bad_arguments_exit_nonzero_with_one_line(tmp_path, capsys, argv, message):
+    out = tmp_path / "bad"
+    try:
+        code = main(["train", "--out", str(out), "--quiet", *argv])
+    except SystemExit as exit_:  # argparse's own errors
+        code = exit_.code
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+    assert not out.exists() or not any(out.iterdir())
