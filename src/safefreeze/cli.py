@@ -78,7 +78,7 @@ def _run(config: TrainConfig, safe: SafeConfig, out: Path, quiet: bool) -> dict:
     from safefreeze.train import train
 
     result = train(config, safe, progress=not quiet)
-    write_run(out, result.report, result.model)
+    write_run(out, result.report, result.model, result.freezer)
     return result.report
 
 

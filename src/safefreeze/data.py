@@ -31,7 +31,8 @@ TEST_FRACTION = 0.2
 
 @dataclass
 class TaskData:
-    """A task's raw splits. Classification: ``(text, label_index)`` pairs; causal LM: one text per split."""
+    """A task's raw splits. Classification: ``(text, label_index)`` pairs, where text may be a
+    ``(text, text_pair)`` tuple; causal LM: one text per split."""
 
     name: str
     kind: str  # "classification" or "causal_lm"
@@ -61,18 +62,22 @@ def in_test_split(text: str, fraction: float = TEST_FRACTION) -> bool:
     return digest % 10_000 < fraction * 10_000
 
 
-def split_labelled(name: str, pairs: list[tuple[str, str]]) -> TaskData:
-    """Deduplicate ``(text, label)`` pairs (first occurrence wins) and split them by text hash."""
-    unique: dict[str, str] = {}
+def split_labelled(name: str, pairs: list[tuple[str | tuple[str, str], str]]) -> TaskData:
+    """Deduplicate ``(text, label)`` pairs (first occurrence wins) and split them by text hash.
+
+    Labels are indexed in sorted order (numerically when they are all integers).
+    """
+    unique: dict[str | tuple[str, str], str] = {}
     for text, label in pairs:
-        text = " ".join(text.split())
-        if text:
+        text = " ".join(text.split()) if isinstance(text, str) else tuple(" ".join(t.split()) for t in text)
+        if all(text if isinstance(text, tuple) else [text]):
             unique.setdefault(text, label)
-    labels = sorted(set(unique.values()))
+    labels = sorted(set(unique.values()), key=lambda label: (0, int(label), "") if label.isdigit() else (1, 0, label))
     index = {label: i for i, label in enumerate(labels)}
     task = TaskData(name, "classification", labels=labels)
     for text, label in unique.items():
-        (task.test if in_test_split(text) else task.train).append((text, index[label]))
+        key = text if isinstance(text, str) else "\t".join(text)
+        (task.test if in_test_split(key) else task.train).append((text, index[label]))
     return task
 
 
@@ -120,8 +125,15 @@ def encode(task: TaskData, tokenizer, max_length: int) -> tuple[list[dict], list
         raise ConfigError(f"max_length must be >= 2 tokens, got {max_length}")
 
     def classification(pairs):
-        ids = tokenizer([text for text, _ in pairs], truncation=True, max_length=max_length)["input_ids"]
-        return [{"input_ids": row, "labels": label} for row, (_, label) in zip(ids, pairs, strict=True)]
+        texts = [text for text, _ in pairs]
+        paired = bool(texts) and isinstance(texts[0], tuple)
+        if paired:
+            encoded = tokenizer([a for a, _ in texts], [b for _, b in texts], truncation=True, max_length=max_length)
+        else:
+            encoded = tokenizer(texts, truncation=True, max_length=max_length)
+        # a pair keeps token_type_ids (which segment each token is in) where the tokenizer makes them
+        keys = ["input_ids"] + (["token_type_ids"] if paired and "token_type_ids" in encoded else [])
+        return [{**{k: encoded[k][i] for k in keys}, "labels": label} for i, (_, label) in enumerate(pairs)]
 
     def blocks(texts):
         ids = [t for text in texts for t in tokenizer(text)["input_ids"]]
@@ -139,7 +151,7 @@ class Collator:
         self.kind = kind
 
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
-        batch = self.tokenizer.pad([{"input_ids": e["input_ids"]} for e in examples], return_tensors="pt")
+        batch = self.tokenizer.pad([{k: v for k, v in e.items() if k != "labels"} for e in examples], return_tensors="pt")
         if self.kind == "classification":
             batch["labels"] = torch.tensor([e["labels"] for e in examples])
         else:

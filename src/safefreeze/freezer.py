@@ -25,6 +25,21 @@ from safefreeze.schedule import threshold
 from safefreeze.units import AdapterUnit, FeatureCapture, block_index, find_units
 
 
+def input_require_grads_hooks(model: nn.Module) -> list[tuple[str, nn.Module, int]]:
+    """``(module name, module, hook id)`` of every hook that makes the embeddings' output require grad.
+
+    transformers' ``enable_input_require_grads`` registers ``make_inputs_require_grads`` (and
+    loses the handle of an earlier one when called twice); PEFT's fallback registers
+    ``make_inputs_require_grad``. Either makes every block record activations for backward.
+    """
+    return [
+        (name, module, key)
+        for name, module in model.named_modules()
+        for key, hook in getattr(module, "_forward_hooks", {}).items()
+        if getattr(hook, "__name__", "").startswith("make_inputs_require_grad")
+    ]
+
+
 class SafeFreezer:
     """Selective adapter freezing for any PEFT model (see module docstring).
 
@@ -142,14 +157,12 @@ class SafeFreezer:
     def diagnose(self) -> list[str]:
         """What would silently keep backward from stopping above frozen blocks, one sentence each."""
         problems = []
-        for name, module in self.model.named_modules():
-            hooks = getattr(module, "_forward_hooks", {}).values()
-            if any(getattr(h, "__name__", "") == "make_inputs_require_grads" for h in hooks):
-                problems.append(
-                    f"{name or 'model'} has an input-require-grads hook (enable_input_require_grads, set by gradient "
-                    "checkpointing): every block keeps its activations and freezing saves no memory; call "
-                    "model.disable_input_require_grads() and use non-reentrant checkpointing"
-                )
+        for name in dict.fromkeys(name for name, _, _ in input_require_grads_hooks(self.model)):
+            problems.append(
+                f"{name or 'model'} has an input-require-grads hook (enable_input_require_grads, set by gradient "
+                "checkpointing): every block keeps its activations and freezing saves no memory; remove it and use "
+                "non-reentrant checkpointing with safefreeze.untangle_checkpointing(model)"
+            )
         lowest = min((u.block for u in self.trainable_units), default=None)
         unit_params = {id(p) for u in self.units for p in u.parameters()}
         for name, param in self.model.named_parameters():

@@ -112,12 +112,34 @@ _DECODERS = {
 }
 
 
-def add_lora(model: nn.Module, kind: str, rank: int, alpha: float, dropout: float) -> PeftModel:
-    """Wrap with PEFT LoRA on PEFT's default target modules for the architecture.
+def add_lora(
+    model: nn.Module,
+    kind: str,
+    rank: int,
+    alpha: float,
+    dropout: float,
+    target_modules: list[str] | str | None = None,
+) -> PeftModel:
+    """Wrap with PEFT LoRA on ``target_modules`` (PEFT's default for the architecture if None).
 
-    The task head (classifier / score) is trainable through ``modules_to_save``, as PEFT
-    does for sequence classification; it is never an adapter unit.
+    ``target_modules`` are module names or name suffixes (``["query", "value"]``), or
+    ``"all-linear"``. The task head (classifier / score) is trainable through
+    ``modules_to_save``, as PEFT does for sequence classification; it is never an adapter unit.
+
+    Raises:
+        ConfigError: if no module matches ``target_modules``.
     """
     task_type = TaskType.SEQ_CLS if kind == "classification" else TaskType.CAUSAL_LM
-    config = LoraConfig(task_type=task_type, r=rank, lora_alpha=alpha, lora_dropout=dropout)
-    return get_peft_model(model, config)
+    config = LoraConfig(
+        task_type=task_type, r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules
+    )
+    try:
+        return get_peft_model(model, config)
+    except ValueError as error:
+        if target_modules is None or "not found" not in str(error):
+            raise
+        leaves = sorted({name.rpartition(".")[2] for name, m in model.named_modules() if isinstance(m, nn.Linear)})
+        raise ConfigError(
+            f"--target-modules {target_modules} matches no module of {type(model).__name__}; "
+            f"its linear layers are named {', '.join(leaves)}"
+        ) from None

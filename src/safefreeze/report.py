@@ -13,7 +13,9 @@ from pathlib import Path
 
 from peft import PeftModel
 
+from safefreeze.adapters.bottleneck import BottleneckModel
 from safefreeze.config import ConfigError
+from safefreeze.state import write_state
 
 MIB = 2**20
 
@@ -35,14 +37,20 @@ def check_out_dir(out: Path) -> None:
         raise ConfigError(f"--out {out} is not writable; choose a directory you can write to")
 
 
-def write_run(out: Path, report: dict, model=None) -> None:
-    """Write report.json, report.md and the trained adapter (``adapter/``) or model (``model/``)."""
+def write_run(out: Path, report: dict, model=None, freezer=None) -> None:
+    """Write report.json, report.md and the trained adapter (``adapter/``) or model (``model/``).
+
+    With a ``freezer``, SAFE's state goes beside the adapter as ``adapter/safe_state.json``.
+    """
 
     def fill(staging: Path) -> None:
         (staging / "report.json").write_text(json.dumps(report, indent=1))
         (staging / "report.md").write_text(render_run(report))
         if model is not None:
-            model.save_pretrained(staging / ("adapter" if isinstance(model, PeftModel) else "model"))
+            adapted = isinstance(model, (PeftModel, BottleneckModel))
+            model.save_pretrained(staging / ("adapter" if adapted else "model"))
+        if freezer is not None:
+            write_state(freezer, staging / "adapter")
 
     write_atomically(out, fill)
 

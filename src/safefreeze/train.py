@@ -18,14 +18,18 @@ from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from safefreeze import accounting
+from safefreeze.adapters.bottleneck import KINDS as BOTTLENECK_KINDS
+from safefreeze.adapters.bottleneck import BottleneckConfig, add_bottleneck
 from safefreeze.config import ConfigError, SafeConfig
-from safefreeze.data import Collator, TaskData, encode, epoch_order, iterate_batches, load_task
+from safefreeze.data import Collator, TaskData, encode, epoch_order, iterate_batches
+from safefreeze.datafiles import load_dataset
 from safefreeze.freezer import SafeFreezer
 from safefreeze.metrics import classification_metrics, language_model_metrics
 from safefreeze.models import add_lora, load_model, load_tokenizer, model_kind, resolve_model
 from safefreeze.units import find_blocks, find_units
 
 METHODS = ("lora", "safe", "full")
+ADAPTERS = ("lora", *BOTTLENECK_KINDS)
 DEFAULT_LR = {"full": 5e-5, "lora": 1e-3, "safe": 1e-3}
 DEFAULT_MAX_LENGTH = {"classification": 64, "causal_lm": 128}
 
@@ -35,12 +39,36 @@ class TrainConfig:
     """One training run. Help texts feed ``safefreeze train --help``."""
 
     model: str = field(
-        default="minilm", metadata={"help": "bundled model (minilm, smollm2), model directory or .gguf file"}
+        default="minilm",
+        metadata={"help": "bundled model (minilm, smollm2), a local Hugging Face model directory or a .gguf file"},
     )
     dataset: str = field(
-        default="trec", metadata={"help": "bundled dataset: trec, movies (classification), hamlet (causal LM)"}
+        default="trec",
+        metadata={
+            "help": "bundled dataset (trec, movies: classification; hamlet: causal LM) or your file: "
+            ".csv/.jsonl (classification, see --text-column, --label-column) or .txt (causal LM)"
+        },
     )
-    method: str = field(default="safe", metadata={"help": "lora, safe (LoRA + selective freezing) or full fine-tuning"})
+    text_column: str = field(default="text", metadata={"help": "--dataset .csv/.jsonl: column holding the text"})
+    text_pair_column: str | None = field(
+        default=None, metadata={"help": "--dataset .csv/.jsonl: column holding the second text of a pair"}
+    )
+    label_column: str = field(default="label", metadata={"help": "--dataset .csv/.jsonl: column holding the label"})
+    method: str = field(
+        default="safe",
+        metadata={"help": "lora (the adapter alone), safe (adapter + selective freezing) or full fine-tuning"},
+    )
+    adapter: str = field(
+        default="lora",
+        metadata={"help": "adapter kind: lora (PEFT), houlsby or pfeiffer (bottleneck adapters)"},
+    )
+    target_modules: str | None = field(
+        default=None,
+        metadata={"help": "LoRA: comma-separated module names to adapt (e.g. query,key,value) or all-linear"},
+    )
+    reduction_factor: int = field(
+        default=16, metadata={"help": "bottleneck adapters: width = hidden size / reduction factor"}
+    )
     epochs: float = field(default=3.0, metadata={"help": "passes over the training split (ignored with --max-steps)"})
     max_steps: int | None = field(default=None, metadata={"help": "stop after this many optimizer steps"})
     batch_size: int = field(default=32, metadata={"help": "examples per optimizer step"})
@@ -73,12 +101,23 @@ class TrainConfig:
             raise ConfigError(f"lr must be in (0, 1), got {self.lr}")
         if self.max_length is not None and self.max_length < 2:
             raise ConfigError(f"max_length must be >= 2 tokens, got {self.max_length}")
-        if self.flops_every < 1 or self.eval_batch_size < 1 or self.rank < 1:
-            raise ConfigError("flops_every, eval_batch_size and rank must be >= 1")
+        if self.flops_every < 1 or self.eval_batch_size < 1 or self.rank < 1 or self.reduction_factor < 1:
+            raise ConfigError("flops_every, eval_batch_size, rank and reduction_factor must be >= 1")
+        if self.adapter not in ADAPTERS:
+            raise ConfigError(f"unknown adapter {self.adapter!r}; choose one of {', '.join(ADAPTERS)}")
+        if self.target_modules is not None and self.adapter != "lora":
+            raise ConfigError("--target-modules applies to --adapter lora; bottleneck adapters sit after known layers")
 
     @property
     def learning_rate(self) -> float:
         return self.lr if self.lr is not None else DEFAULT_LR[self.method]
+
+    @property
+    def target_module_list(self) -> list[str] | str | None:
+        """``--target-modules`` as PEFT takes it: a list of names, ``"all-linear"`` or None."""
+        if self.target_modules is None or self.target_modules == "all-linear":
+            return self.target_modules
+        return [name.strip() for name in self.target_modules.split(",") if name.strip()]
 
 
 @dataclass
@@ -104,7 +143,7 @@ def resolve_device(name: str) -> torch.device:
 
 def prepare(config: TrainConfig):
     """Task, tokenizer, encoded splits and the (adapter-wrapped) model, with clear errors."""
-    task = load_task(config.dataset)
+    task = load_dataset(config.dataset, config.text_column, config.text_pair_column, config.label_column)
     source = resolve_model(config.model)
     if task.kind == "causal_lm" and model_kind(source) != "decoder":
         raise ConfigError(f"{config.dataset} is a causal-LM dataset; use a decoder model such as smollm2")
@@ -121,8 +160,16 @@ def prepare(config: TrainConfig):
     seed_everything(config.seed)
     model = load_model(source, task.kind, len(task.labels), tokenizer.pad_token_id)
     if config.method in ("lora", "safe"):
-        model = add_lora(model, task.kind, config.rank, config.alpha, config.lora_dropout)
+        model = add_adapter(model, task.kind, config)
     return task, tokenizer, train_examples, test_examples, model
+
+
+def add_adapter(model: nn.Module, kind: str, config: TrainConfig) -> nn.Module:
+    """Wrap ``model`` with the adapter ``config.adapter`` names; only adapters and the task head train."""
+    if config.adapter == "lora":
+        return add_lora(model, kind, config.rank, config.alpha, config.lora_dropout, config.target_module_list)
+    head = [name for name in ("classifier", "score") if kind == "classification" and hasattr(model, name)]
+    return add_bottleneck(model, BottleneckConfig(config.adapter, config.reduction_factor, head))
 
 
 def train(config: TrainConfig, safe: SafeConfig | None = None, progress: bool = True) -> RunResult:
@@ -259,6 +306,7 @@ def build_report(config, safe, task, model, freezer, optimizer, steps, evaluatio
         "safe_config": safe.to_dict() if config.method == "safe" else None,
         "warmup_steps": freezer.warmup_steps if freezer else None,
         "eval": evaluation,
+        "labels": task.labels,
         "units": unit_rows,
         "steps": steps,
         "summary": {

@@ -2,11 +2,13 @@
 
 A *unit* is a group of adapter modules: by default every adapter of one transformer
 block (``granularity="block"``), or each adapted module alone (``"module"``). An adapter
-module is any PEFT tuner layer (LoRA and its relatives: a module with a ``base_layer``).
-Its feature maps come from the same forward pass, no extra work:
+module wraps a frozen ``base_layer``: any PEFT tuner layer (LoRA and its relatives), or an
+``AdapterLayer`` (our bottleneck adapters). Its feature maps come from the same forward
+pass, no extra work:
 
-    X = base_layer(x)               (what the frozen layer computes)
-    Y = base_layer(x) + ΔW(x)       (what the adapted layer computes)
+    X = base_layer(x)               (what the frozen layer computes: the adapter's input)
+    Y = module(x)                   (what the adapted layer computes, e.g. base_layer(x) + ΔW(x)
+                                     for LoRA, X + up(f(down(X))) for a bottleneck adapter)
 
 Token rows that are padding are dropped before CKA.
 """
@@ -27,6 +29,22 @@ from safefreeze.cka import linear_cka
 
 # "...encoder.layer.3.attention..." (BERT), "...model.layers.3.mlp..." (Llama), "...h.3..." (GPT-2).
 _BLOCK_INDEX = re.compile(r"\.(?:layer|layers|h|blocks|block)\.(\d+)(?:\.|$)")
+
+
+class AdapterLayer(nn.Module):
+    """The units protocol for adapters that are not PEFT tuner layers.
+
+    A subclass holds the layer it adapts as ``base_layer`` and returns the adapted output
+    from ``forward``; every parameter outside ``base_layer`` belongs to the adapter. SAFE
+    then scores it as it scores LoRA: X = ``base_layer``'s output, Y = the module's output.
+    """
+
+    base_layer: nn.Module
+
+
+def is_adapter_module(module: nn.Module) -> bool:
+    """Whether SAFE treats this module as an adapter (a PEFT tuner layer or an ``AdapterLayer``)."""
+    return isinstance(module, (BaseTunerLayer, AdapterLayer)) and hasattr(module, "base_layer")
 
 
 def block_index(name: str) -> int | None:
@@ -58,7 +76,7 @@ def adapter_parameters(module: nn.Module) -> list[nn.Parameter]:
 
 
 def find_units(model: nn.Module, granularity: str = "block") -> list[AdapterUnit]:
-    """Discover the adapter units of a PEFT model, ordered from the input upwards.
+    """Discover the adapter units of a model with adapters, ordered from the input upwards.
 
     Raises:
         ValueError: if the model has no adapter modules inside transformer blocks.
@@ -66,11 +84,12 @@ def find_units(model: nn.Module, granularity: str = "block") -> list[AdapterUnit
     adapters = [
         (name, module)
         for name, module in model.named_modules()
-        if isinstance(module, BaseTunerLayer) and hasattr(module, "base_layer") and block_index(name) is not None
+        if is_adapter_module(module) and block_index(name) is not None
     ]
     if not adapters:
         raise ValueError(
-            "no adapter modules found inside transformer blocks; wrap the model with peft.get_peft_model first"
+            "no adapter modules found inside transformer blocks; wrap the model with peft.get_peft_model "
+            "(or safefreeze.adapters.add_bottleneck) first"
         )
     if granularity == "module":
         return [AdapterUnit(name, block_index(name), {name: module}) for name, module in adapters]
