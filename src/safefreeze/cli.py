@@ -1,7 +1,10 @@
 """``safefreeze`` command line: ``train`` one run, ``compare`` LoRA and SAFE side by side.
 
 Options are generated from the ``TrainConfig`` and ``SafeConfig`` dataclasses, so their
-help text lives in one place. User mistakes end in one line on stderr and exit code 2.
+help text lives in one place. ``--config run.yaml|run.toml`` reads the same options from a
+file (flat ``name: value`` pairs, names as the long flags); flags given on the command line
+win over the file, the file over the defaults. User mistakes end in one line on stderr and
+exit code 2.
 """
 
 from __future__ import annotations
@@ -59,6 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
         "compare", help="train lora and safe with the same seed and data, print a side-by-side table"
     )
     for sub in (train, compare):
+        sub.add_argument(
+            "--config",
+            type=Path,
+            default=None,
+            help="YAML (.yaml/.yml) or TOML (.toml) file of options named as the long flags; flags override it",
+        )
         sub.add_argument("--out", type=Path, default=None, help="run directory (default: runs/<model>-<dataset>-...)")
         sub.add_argument("--quiet", action="store_true", help="no progress bars")
         _add_dataclass_options(sub, TrainConfig)
@@ -66,7 +75,53 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def read_config_file(path: Path) -> dict:
+    """Options from a YAML or TOML file, keys normalised to field names (``max-steps`` → ``max_steps``)."""
+    if not path.is_file():
+        raise ConfigError(f"--config {path} does not exist")
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        elif path.suffix == ".toml":
+            import tomllib
+
+            data = tomllib.loads(text)
+        else:
+            raise ConfigError(f"--config {path}: use a .yaml, .yml or .toml file")
+    except (ImportError, ValueError) as error:  # YAMLError and TOMLDecodeError are ValueErrors
+        raise ConfigError(f"--config {path} cannot be read: {' '.join(str(error).split())}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config {path} must hold name: value pairs, not a {type(data).__name__}")
+    return {str(key).replace("-", "_"): value for key, value in data.items()}
+
+
+def apply_config_file(args: argparse.Namespace) -> None:
+    """Fill options not given on the command line from ``args.config`` (command line > file > defaults)."""
+    if args.config is None:
+        return
+    options = {f.name: f for cls in (TrainConfig, SafeConfig) for f in fields(cls) if f.name in vars(args)}
+    for key, value in read_config_file(args.config).items():
+        if key not in options and key not in ("out", "quiet"):
+            raise ConfigError(f"--config {args.config}: unknown option {key!r}; use the long flags of --help")
+        if value is None or getattr(args, key) not in (None, False):
+            continue
+        if key in options:
+            kind = _value_type(str(options[key].type))
+            value = ",".join(map(str, value)) if isinstance(value, list) and kind is str else value
+            wrong_number = kind is int and isinstance(value, float) and not value.is_integer()
+            if isinstance(value, (dict, list, bool)) or (kind is not str and isinstance(value, str)) or wrong_number:
+                raise ConfigError(f"--config {args.config}: {key} must be a {kind.__name__}, got {value!r}")
+            value = kind(value)
+        setattr(args, key, Path(value) if key == "out" else value)
+
+
 def _configs(args: argparse.Namespace, method: str | None = None) -> tuple[TrainConfig, SafeConfig]:
+    apply_config_file(args)
     config = _from_args(TrainConfig, args)
     if method is not None:
         config = replace(config, method=method)

@@ -151,7 +151,8 @@ class Collator:
         self.kind = kind
 
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
-        batch = self.tokenizer.pad([{k: v for k, v in e.items() if k != "labels"} for e in examples], return_tensors="pt")
+        features = [{key: value for key, value in e.items() if key != "labels"} for e in examples]
+        batch = self.tokenizer.pad(features, return_tensors="pt")
         if self.kind == "classification":
             batch["labels"] = torch.tensor([e["labels"] for e in examples])
         else:

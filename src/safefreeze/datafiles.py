@@ -94,6 +94,8 @@ def _labelled(path: Path, rows: list[dict], text_column: str, pair_column: str |
         pairs.append((text, str(values[-1])))
     task = split_labelled(path.stem, pairs)
     if len(task.labels) < 2:
-        raise ConfigError(f"--dataset {path}: column {label_column!r} holds {len(task.labels)} distinct label(s); "
-                          "classification needs at least 2")
+        raise ConfigError(
+            f"--dataset {path}: column {label_column!r} holds {len(task.labels)} distinct label(s); "
+            "classification needs at least 2"
+        )
     return task

@@ -168,7 +168,8 @@ class BottleneckModel(nn.Module):
         unexpected = set(weights) - set(wrapped.adapter_state_dict())
         if missing or unexpected:
             raise ConfigError(
-                f"{directory} does not fit this model: missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}"
+                f"{directory} does not fit this model: missing {sorted(missing)[:3]}, "
+                f"unexpected {sorted(unexpected)[:3]}"
             )
         model.load_state_dict(weights, strict=False)
         return wrapped

@@ -77,7 +77,7 @@ def untangle_checkpointing(model: nn.Module) -> list[str]:
     if switched:
         changes.append(f"made activation checkpointing non-reentrant in {switched} modules")
     hooks = input_require_grads_hooks(model)
-    for name, module, key in hooks:
+    for _, module, key in hooks:
         del module._forward_hooks[key]
     if hooks:
         names = ", ".join(dict.fromkeys(name or "model" for name, _, _ in hooks))
