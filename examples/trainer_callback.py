@@ -54,6 +54,7 @@ def main() -> None:
         output_dir=args.out,
         max_steps=args.max_steps,
         per_device_train_batch_size=32,
+        per_device_eval_batch_size=128,
         learning_rate=1e-3,
         logging_steps=10,
         save_strategy="no",

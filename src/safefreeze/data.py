@@ -125,8 +125,10 @@ def encode(task: TaskData, tokenizer, max_length: int) -> tuple[list[dict], list
         raise ConfigError(f"max_length must be >= 2 tokens, got {max_length}")
 
     def classification(pairs):
+        if not pairs:
+            return []
         texts = [text for text, _ in pairs]
-        paired = bool(texts) and isinstance(texts[0], tuple)
+        paired = isinstance(texts[0], tuple)
         if paired:
             encoded = tokenizer([a for a, _ in texts], [b for _, b in texts], truncation=True, max_length=max_length)
         else:
