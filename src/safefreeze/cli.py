@@ -80,18 +80,22 @@ def read_config_file(path: Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"--config {path} does not exist")
     text = path.read_text(encoding="utf-8")
-    try:
-        if path.suffix in (".yaml", ".yml"):
-            import yaml
+    if path.suffix in (".yaml", ".yml"):
+        import yaml
 
-            data = yaml.safe_load(text)
-        elif path.suffix == ".toml":
+        parse, error_type = yaml.safe_load, yaml.YAMLError
+    elif path.suffix == ".toml":
+        try:
             import tomllib
+        except ImportError:  # Python 3.10
+            import tomli as tomllib
 
-            data = tomllib.loads(text)
-        else:
-            raise ConfigError(f"--config {path}: use a .yaml, .yml or .toml file")
-    except (ImportError, ValueError) as error:  # YAMLError and TOMLDecodeError are ValueErrors
+        parse, error_type = tomllib.loads, tomllib.TOMLDecodeError
+    else:
+        raise ConfigError(f"--config {path}: use a .yaml, .yml or .toml file")
+    try:
+        data = parse(text)
+    except error_type as error:
         raise ConfigError(f"--config {path} cannot be read: {' '.join(str(error).split())}") from None
     if data is None:
         return {}

