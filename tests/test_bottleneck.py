@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import pytest
 import torch
+from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
 
-from safefreeze import SafeConfig, SafeFreezer
-from safefreeze.adapters import BottleneckConfig, BottleneckLayer, BottleneckModel, add_bottleneck
+from safefreeze import SafeCallback, SafeConfig, SafeFreezer
+from safefreeze.adapters import BottleneckConfig, BottleneckLayer, add_bottleneck, load_bottleneck, save_bottleneck
 from safefreeze.config import ConfigError
 from safefreeze.models import load_model
 from safefreeze.units import find_units
 
 
-def _bottleneck_minilm(source, num_labels: int, kind: str) -> BottleneckModel:
+def _bottleneck_minilm(source, num_labels: int, kind: str):
     torch.manual_seed(0)
     return add_bottleneck(load_model(source, "classification", num_labels), BottleneckConfig(kind, 16, ["classifier"]))
 
@@ -75,17 +76,39 @@ def test_safe_scores_and_freezes_bottleneck_units(minilm_source, trec_task, trec
             assert all(not p.requires_grad and p not in optimizer.state for p in unit.parameters())
 
 
+def test_trainer_with_safe_callback_freezes_bottleneck_units(minilm_source, minilm_tokenizer, trec_examples, tmp_path):
+    """The model stays a transformers model: Trainer keeps its columns and SafeCallback freezes its units."""
+    model = _bottleneck_minilm(minilm_source, 6, "houlsby")
+    args = TrainingArguments(
+        output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=8, report_to=[], save_strategy="no",
+        use_cpu=True, disable_tqdm=True, seed=0,
+    )  # fmt: skip
+    safe = SafeCallback(SafeConfig(tau=1.0, warmup_steps=2, score_every=1, probe_size=8))
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=trec_examples[:32],
+        data_collator=DataCollatorWithPadding(minilm_tokenizer),
+        callbacks=[safe],
+    )
+    trainer.train()
+    assert len(safe.freezer.frozen) == 5
+    for unit in safe.freezer.units:
+        frozen = unit.name in safe.freezer.frozen
+        assert all((p in trainer.optimizer.state) is not frozen for p in unit.parameters())
+
+
 def test_save_and_load_give_identical_logits(minilm_source, trec_task, trec_batch, tmp_path):
     model = _bottleneck_minilm(minilm_source, len(trec_task.labels), "houlsby")
     with torch.no_grad():
         for unit in find_units(model):
             for p in unit.parameters():
                 p.normal_(std=0.05)
-    model.save_pretrained(tmp_path)
+    save_bottleneck(model, tmp_path)
     saved = {p.name for p in tmp_path.iterdir()}
     assert saved == {"bottleneck_config.json", "adapter_model.safetensors"}
     assert (tmp_path / "adapter_model.safetensors").stat().st_size < 2_000_000  # adapters and head only
-    loaded = BottleneckModel.from_pretrained(load_model(minilm_source, "classification", 6), tmp_path)
+    loaded = load_bottleneck(load_model(minilm_source, "classification", 6), tmp_path)
     batch = trec_batch(8)
     model.eval()
     loaded.eval()
@@ -95,6 +118,6 @@ def test_save_and_load_give_identical_logits(minilm_source, trec_task, trec_batc
 
 def test_unknown_architecture_and_bad_config_are_config_errors():
     with pytest.raises(ConfigError, match="output projection"):
-        BottleneckModel(torch.nn.Sequential(torch.nn.Linear(2, 2)), BottleneckConfig())
+        add_bottleneck(torch.nn.Sequential(torch.nn.Linear(2, 2)), BottleneckConfig())
     with pytest.raises(ConfigError, match="kind"):
         BottleneckConfig(kind="compacter")

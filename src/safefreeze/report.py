@@ -13,7 +13,7 @@ from pathlib import Path
 
 from peft import PeftModel
 
-from safefreeze.adapters.bottleneck import BottleneckModel
+from safefreeze.adapters.bottleneck import is_bottleneck_model, save_bottleneck
 from safefreeze.config import ConfigError
 from safefreeze.state import write_state
 
@@ -46,9 +46,10 @@ def write_run(out: Path, report: dict, model=None, freezer=None) -> None:
     def fill(staging: Path) -> None:
         (staging / "report.json").write_text(json.dumps(report, indent=1))
         (staging / "report.md").write_text(render_run(report))
-        if model is not None:
-            adapted = isinstance(model, (PeftModel, BottleneckModel))
-            model.save_pretrained(staging / ("adapter" if adapted else "model"))
+        if is_bottleneck_model(model):
+            save_bottleneck(model, staging / "adapter")
+        elif model is not None:
+            model.save_pretrained(staging / ("adapter" if isinstance(model, PeftModel) else "model"))
         if freezer is not None:
             write_state(freezer, staging / "adapter")
 

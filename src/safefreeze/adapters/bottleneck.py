@@ -18,9 +18,10 @@ not import with transformers 5 (it imports ``HfFolder``, gone from ``huggingface
 
 Each adapter is an ``AdapterLayer`` (units.py), so SAFE scores it like LoRA: X = the
 projection's output (the adapter's input), Y = the adapter's output with its residual.
-``BottleneckModel`` follows PEFT's shape: ``add_bottleneck(model, config)`` injects adapters
-and freezes everything else but the task head; ``save_pretrained`` writes only adapter and
-head weights; ``BottleneckModel.from_pretrained(base, dir)`` loads them back.
+``add_bottleneck(model, config)`` injects adapters in place and freezes everything but them
+and the task head, so the model stays a plain transformers model (a ``Trainer`` takes it as
+is); ``save_bottleneck`` writes only adapter and head weights and ``load_bottleneck(base, dir)``
+puts them back into a fresh base model.
 """
 
 from __future__ import annotations
@@ -38,10 +39,18 @@ from safefreeze.units import AdapterLayer, block_index
 
 KINDS = {"houlsby": ("attention", "feed_forward"), "pfeiffer": ("feed_forward",)}
 
-# A sublayer's output projection, by its name inside a transformer block.
+# A sublayer's output projection, by its name inside a transformer block: BERT/RoBERTa,
+# Llama/Mistral/Qwen, GPT-2, OPT/BART, GPT-NeoX, Phi.
 OUTPUT_PROJECTIONS = {
-    "attention": ("attention.output.dense", "self_attn.o_proj", "attn.c_proj", "attn.out_proj", "attention.dense"),
-    "feed_forward": ("output.dense", "mlp.down_proj", "mlp.c_proj", "mlp.fc2", "mlp.dense_4h_to_h", "fc2"),
+    "attention": (
+        "attention.output.dense",
+        "self_attn.o_proj",
+        "attn.c_proj",
+        "self_attn.out_proj",
+        "attention.dense",
+        "self_attn.dense",
+    ),
+    "feed_forward": ("output.dense", "mlp.down_proj", "mlp.c_proj", "fc2", "mlp.dense_4h_to_h", "mlp.fc2"),
 }
 CONFIG_NAME = "bottleneck_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -99,82 +108,69 @@ def _projection_names(model: nn.Module, kind: str) -> list[str]:
     return chosen
 
 
-class BottleneckModel(nn.Module):
-    """A transformers model with bottleneck adapters: PEFT-shaped, forward is the base model's.
+def add_bottleneck(model: nn.Module, config: BottleneckConfig) -> nn.Module:
+    """Inject bottleneck adapters into ``model`` in place and return it.
 
-    Only adapter parameters and ``modules_to_save`` are trainable; any other attribute is
-    looked up on the base model (``config``, ``activation_checkpointing_enable`` ...).
+    Everything but the adapters and ``config.modules_to_save`` is frozen. The model stays
+    the transformers model it was (the Trainer, ``forward``'s signature and checkpointing
+    work as before); it remembers ``config`` as ``model.bottleneck_config``.
 
     Raises:
-        ConfigError: if the architecture has no output projection this module knows.
+        ConfigError: if the architecture has no output projection this module knows, or
+            ``modules_to_save`` names a module the model does not have.
     """
-
-    def __init__(self, model: nn.Module, config: BottleneckConfig) -> None:
-        super().__init__()
-        self.base_model = model
-        self.bottleneck_config = config
-        names = _projection_names(model, config.kind)
-        if not names:
-            raise ConfigError(
-                f"no attention/feed-forward output projection found in {type(model).__name__} for {config.kind} "
-                f"adapters (known names: {', '.join(sorted({n for v in OUTPUT_PROJECTIONS.values() for n in v}))}); "
-                "use --adapter lora with --target-modules instead"
-            )
-        model.requires_grad_(False)
-        for name in names:
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name)
-            setattr(parent, child, BottleneckLayer(getattr(parent, child), config.reduction_factor))
-        for name in config.modules_to_save:
-            if not hasattr(model, name):
-                raise ConfigError(f"modules_to_save names {name!r}, which {type(model).__name__} does not have")
-            getattr(model, name).requires_grad_(True)
-
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "base_model":
-                raise
-            return getattr(self.base_model, name)
-
-    def forward(self, *args, **kwargs):
-        return self.base_model(*args, **kwargs)
-
-    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
-        """Adapter and task-head weights, keyed as in the base model's state dict."""
-        keep = [f"{name}." for name in self.bottleneck_config.modules_to_save]
-        for name, module in self.base_model.named_modules():
-            if isinstance(module, BottleneckLayer):
-                keep += [f"{name}.down.", f"{name}.up."]
-        return {key: value for key, value in self.base_model.state_dict().items() if key.startswith(tuple(keep))}
-
-    def save_pretrained(self, directory: str | Path) -> None:
-        """Write ``bottleneck_config.json`` and the adapter (and head) weights, nothing of the base model."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        (directory / CONFIG_NAME).write_text(json.dumps(asdict(self.bottleneck_config), indent=1))
-        save_file({k: v.contiguous() for k, v in self.adapter_state_dict().items()}, directory / WEIGHTS_NAME)
-
-    @classmethod
-    def from_pretrained(cls, model: nn.Module, directory: str | Path) -> BottleneckModel:
-        """Inject adapters into ``model`` as saved in ``directory`` and load their weights."""
-        directory = Path(directory)
-        if not (directory / CONFIG_NAME).exists():
-            raise ConfigError(f"{directory} holds no {CONFIG_NAME}; it is not a saved bottleneck adapter")
-        wrapped = cls(model, BottleneckConfig(**json.loads((directory / CONFIG_NAME).read_text())))
-        weights = load_file(directory / WEIGHTS_NAME)
-        missing = set(wrapped.adapter_state_dict()) - set(weights)
-        unexpected = set(weights) - set(wrapped.adapter_state_dict())
-        if missing or unexpected:
-            raise ConfigError(
-                f"{directory} does not fit this model: missing {sorted(missing)[:3]}, "
-                f"unexpected {sorted(unexpected)[:3]}"
-            )
-        model.load_state_dict(weights, strict=False)
-        return wrapped
+    names = _projection_names(model, config.kind)
+    if not names:
+        known = ", ".join(sorted({name for names in OUTPUT_PROJECTIONS.values() for name in names}))
+        raise ConfigError(
+            f"no attention/feed-forward output projection found in {type(model).__name__} for {config.kind} "
+            f"adapters (known names: {known}); use --adapter lora with --target-modules instead"
+        )
+    for name in config.modules_to_save:
+        if not hasattr(model, name):
+            raise ConfigError(f"modules_to_save names {name!r}, which {type(model).__name__} does not have")
+    model.requires_grad_(False)
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        setattr(parent, child, BottleneckLayer(getattr(parent, child), config.reduction_factor))
+    for name in config.modules_to_save:
+        getattr(model, name).requires_grad_(True)
+    model.bottleneck_config = config
+    return model
 
 
-def add_bottleneck(model: nn.Module, config: BottleneckConfig) -> BottleneckModel:
-    """Inject bottleneck adapters (``get_peft_model``'s counterpart); returns the wrapped model."""
-    return BottleneckModel(model, config)
+def is_bottleneck_model(model: nn.Module) -> bool:
+    return isinstance(getattr(model, "bottleneck_config", None), BottleneckConfig)
+
+
+def bottleneck_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Adapter and ``modules_to_save`` weights, keyed as in ``model.state_dict()``."""
+    keep = [f"{name}." for name in model.bottleneck_config.modules_to_save]
+    for name, module in model.named_modules():
+        if isinstance(module, BottleneckLayer):
+            keep += [f"{name}.down.", f"{name}.up."]
+    return {key: value for key, value in model.state_dict().items() if key.startswith(tuple(keep))}
+
+
+def save_bottleneck(model: nn.Module, directory: str | Path) -> None:
+    """Write ``bottleneck_config.json`` and the adapter (and head) weights, nothing of the base model."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / CONFIG_NAME).write_text(json.dumps(asdict(model.bottleneck_config), indent=1))
+    save_file({k: v.contiguous() for k, v in bottleneck_state_dict(model).items()}, directory / WEIGHTS_NAME)
+
+
+def load_bottleneck(model: nn.Module, directory: str | Path) -> nn.Module:
+    """Inject the adapters saved in ``directory`` into a fresh base ``model`` and load their weights."""
+    directory = Path(directory)
+    if not (directory / CONFIG_NAME).exists():
+        raise ConfigError(f"{directory} holds no {CONFIG_NAME}; it is not a saved bottleneck adapter")
+    add_bottleneck(model, BottleneckConfig(**json.loads((directory / CONFIG_NAME).read_text())))
+    weights = load_file(directory / WEIGHTS_NAME)
+    expected = set(bottleneck_state_dict(model))
+    if expected != set(weights):
+        missing, unexpected = sorted(expected - set(weights)), sorted(set(weights) - expected)
+        raise ConfigError(f"{directory} does not fit this model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    model.load_state_dict(weights, strict=False)
+    return model
