@@ -8,8 +8,12 @@ autograd saves for backward, FLOPs on sampled steps, seconds on the others.
 from __future__ import annotations
 
 import math
+import os
 import random
+import tempfile
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -23,6 +27,7 @@ from safefreeze.data import Collator, TaskData, encode, epoch_order, iterate_bat
 from safefreeze.freezer import SafeFreezer
 from safefreeze.metrics import classification_metrics, language_model_metrics
 from safefreeze.models import add_lora, load_model, load_tokenizer, model_kind, resolve_model
+from safefreeze.prefix_cache import CACHE_DTYPES, PrefixCache
 from safefreeze.units import find_blocks, find_units
 
 METHODS = ("lora", "safe", "full")
@@ -59,6 +64,16 @@ class TrainConfig:
     eval_batch_size: int = field(default=64, metadata={"help": "examples per evaluation batch"})
     flops_every: int = field(default=25, metadata={"help": "count FLOPs on step 1 and every N steps after"})
     device: str = field(default="auto", metadata={"help": "cpu, cuda, cuda:N or auto"})
+    prefix_cache: bool = field(
+        default=False,
+        metadata={"help": "safe: cache what the frozen bottom blocks output per example (eval mode) and skip them"},
+    )
+    cache_max_gb: float = field(default=4.0, metadata={"help": "prefix cache: largest size of its file, in GB"})
+    cache_dtype: str = field(default="float16", metadata={"help": "prefix cache: float16 or float32"})
+    cache_dir: str | None = field(
+        default=None,
+        metadata={"help": "prefix cache: directory of its file (default: the run directory or a temp dir)"},
+    )
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -75,6 +90,12 @@ class TrainConfig:
             raise ConfigError(f"max_length must be >= 2 tokens, got {self.max_length}")
         if self.flops_every < 1 or self.eval_batch_size < 1 or self.rank < 1:
             raise ConfigError("flops_every, eval_batch_size and rank must be >= 1")
+        if self.prefix_cache and self.method != "safe":
+            raise ConfigError("prefix_cache needs method safe: only SAFE freezes a prefix of blocks")
+        if self.cache_max_gb <= 0:
+            raise ConfigError(f"cache_max_gb must be > 0, got {self.cache_max_gb}")
+        if self.cache_dtype not in CACHE_DTYPES:
+            raise ConfigError(f"cache_dtype must be one of {', '.join(CACHE_DTYPES)}, got {self.cache_dtype!r}")
 
     @property
     def learning_rate(self) -> float:
@@ -146,7 +167,18 @@ def train(config: TrainConfig, safe: SafeConfig | None = None, progress: bool = 
         probe = collate([train_examples[i] for i in probe_order])
         probe.pop("labels")
         freezer = SafeFreezer(model, safe, optimizer, probe=probe, total_steps=total_steps)
-    scopes = {f"block.{i}": block for i, block in find_blocks(model).items()}
+    blocks = find_blocks(model)
+    scopes = {f"block.{i}": block for i, block in blocks.items()}
+    cache = None
+    if config.prefix_cache:
+        cache = PrefixCache(
+            model,
+            [blocks[i] for i in sorted(blocks)],
+            [len(example["input_ids"]) for example in train_examples],
+            Path(config.cache_dir or tempfile.gettempdir()) / f".safefreeze-prefix-cache-{os.getpid()}.bin",
+            int(config.cache_max_gb * 1e9),
+            CACHE_DTYPES[config.cache_dtype],
+        )
     trainable_at_start = accounting.trainable_parameters(model)
 
     steps: list[dict] = []
@@ -156,9 +188,9 @@ def train(config: TrainConfig, safe: SafeConfig | None = None, progress: bool = 
     bar = tqdm(total=total_steps, desc=f"{config.method} {config.dataset}", disable=not progress, leave=False)
     step = 0
     for epoch in range(math.ceil(total_steps / steps_per_epoch)):
-        for batch in iterate_batches(
-            train_examples, config.batch_size, collate, epoch_order(len(train_examples), config.seed, epoch)
-        ):
+        order = epoch_order(len(train_examples), config.seed, epoch)
+        batches = iterate_batches(train_examples, config.batch_size, collate, order)
+        for first, batch in zip(range(0, len(order), config.batch_size), batches, strict=True):
             step += 1
             if step > total_steps:
                 break
@@ -166,7 +198,9 @@ def train(config: TrainConfig, safe: SafeConfig | None = None, progress: bool = 
             sample_flops = (step - 1) % config.flops_every == 0
             step_start = accounting.now(device)
             counter = accounting.flop_counter(sample_flops)
-            with accounting.record_saved_tensors(model, scopes) as saved, counter:
+            indices = order[first : first + config.batch_size]
+            prefix = cache.feeding(freezer.frozen_prefix(), indices, batch) if cache else nullcontext()
+            with accounting.record_saved_tensors(model, scopes) as saved, counter, prefix:
                 loss = model(**batch).loss
                 loss.backward()
             flops = counter.get_total_flops()
@@ -193,6 +227,11 @@ def train(config: TrainConfig, safe: SafeConfig | None = None, progress: bool = 
             bar.set_postfix(loss=f"{loss.item():.3f}", frozen=len(freezer.frozen) if freezer else 0)
     bar.close()
     train_seconds = accounting.now(device) - started
+    merged_units = len(freezer.merged) if freezer else 0
+    if freezer is not None:
+        freezer.unmerge()  # evaluate and save a plain PEFT model; the adapter weights are the same
+    if cache is not None:
+        cache.close()
 
     evaluation = evaluate(model, task, test_examples, collate, config.eval_batch_size, device, progress)
     report = build_report(config, safe, task, model, freezer, optimizer, steps, evaluation)
@@ -201,6 +240,8 @@ def train(config: TrainConfig, safe: SafeConfig | None = None, progress: bool = 
         scoring_seconds=scoring_seconds,
         trainable_parameters_start=trainable_at_start,
         cuda_peak_bytes=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
+        merged_units=merged_units,
+        prefix_cache=cache.stats() if cache else None,
     )
     return RunResult(report, model, freezer)
 
