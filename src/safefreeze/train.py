@@ -64,6 +64,9 @@ class TrainConfig:
     eval_batch_size: int = field(default=64, metadata={"help": "examples per evaluation batch"})
     flops_every: int = field(default=25, metadata={"help": "count FLOPs on step 1 and every N steps after"})
     device: str = field(default="auto", metadata={"help": "cpu, cuda, cuda:N or auto"})
+    train_examples: int | None = field(
+        default=None, metadata={"help": "train on the first N training examples only (quick experiments, benchmarks)"}
+    )
     prefix_cache: bool = field(
         default=False,
         metadata={"help": "safe: cache what the frozen bottom blocks output per example (eval mode) and skip them"},
@@ -92,6 +95,8 @@ class TrainConfig:
             raise ConfigError("flops_every, eval_batch_size and rank must be >= 1")
         if self.prefix_cache and self.method != "safe":
             raise ConfigError("prefix_cache needs method safe: only SAFE freezes a prefix of blocks")
+        if self.train_examples is not None and self.train_examples < 1:
+            raise ConfigError(f"train_examples must be >= 1, got {self.train_examples}")
         if self.cache_max_gb <= 0:
             raise ConfigError(f"cache_max_gb must be > 0, got {self.cache_max_gb}")
         if self.cache_dtype not in CACHE_DTYPES:
@@ -132,6 +137,7 @@ def prepare(config: TrainConfig):
     tokenizer = load_tokenizer(source)
     max_length = config.max_length or DEFAULT_MAX_LENGTH[task.kind]
     train_examples, test_examples = encode(task, tokenizer, max_length)
+    train_examples = train_examples[: config.train_examples]
     if len(train_examples) < config.batch_size:
         raise ConfigError(
             f"batch_size {config.batch_size} is larger than the {len(train_examples)} training examples; "
