@@ -21,9 +21,13 @@ def _freeze_below(model, depth: int) -> None:
                 param.requires_grad_(False)
 
 
-def _blocks(model) -> list:
+def _cache(setup, depth: int, path, max_bytes: int = 10**9, dtype=torch.float32):
+    """Freeze the LoRA units below ``depth`` and build a cache over the setup's examples: (cache, blocks)."""
+    model, examples, _ = setup
+    _freeze_below(model, depth)
     blocks = find_blocks(model)
-    return [blocks[i] for i in sorted(blocks)]
+    blocks = [blocks[i] for i in sorted(blocks)]
+    return PrefixCache(model, blocks, [len(e["input_ids"]) for e in examples], path, max_bytes, dtype), blocks
 
 
 def _pad_right(examples: list[dict]) -> dict[str, torch.Tensor]:
@@ -63,9 +67,7 @@ def _expected(model, blocks, depth, batch, dtype) -> torch.Tensor:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_cached_hidden_states_equal_recomputed_ones_across_shuffles(setup, tmp_path, dtype):
     model, examples, collate = setup
-    _freeze_below(model, 2)
-    blocks = _blocks(model)
-    cache = PrefixCache(model, blocks, [len(e["input_ids"]) for e in examples], tmp_path / "c.bin", 10**9, dtype)
+    cache, blocks = _cache(setup, 2, tmp_path / "c.bin", dtype=dtype)
     tolerance = {"rtol": 0, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 2e-3, "atol": 2e-3}
     for indices in ([0, 1, 2, 3, 4, 5], [9, 2, 11, 4], [5, 3, 0, 10, 7]):  # hits and misses, other paddings
         batch = collate([examples[i] for i in indices])
@@ -78,11 +80,7 @@ def test_cached_hidden_states_equal_recomputed_ones_across_shuffles(setup, tmp_p
 
 def test_model_output_from_the_cache_equals_the_full_forward_and_skips_the_prefix(setup, tmp_path):
     model, examples, collate = setup
-    _freeze_below(model, 2)
-    blocks = _blocks(model)
-    cache = PrefixCache(
-        model, blocks, [len(e["input_ids"]) for e in examples], tmp_path / "c.bin", 10**9, torch.float32
-    )
+    cache, blocks = _cache(setup, 2, tmp_path / "c.bin")
     indices = [3, 0, 7, 5]
     batch = collate([examples[i] for i in indices])
     model.eval()
@@ -111,11 +109,7 @@ def test_model_output_from_the_cache_equals_the_full_forward_and_skips_the_prefi
 
 def test_growing_the_prefix_invalidates_the_cache(setup, tmp_path):
     model, examples, collate = setup
-    _freeze_below(model, 1)
-    blocks = _blocks(model)
-    cache = PrefixCache(
-        model, blocks, [len(e["input_ids"]) for e in examples], tmp_path / "c.bin", 10**9, torch.float32
-    )
+    cache, blocks = _cache(setup, 1, tmp_path / "c.bin")
     indices = [4, 1, 6]
     batch = collate([examples[i] for i in indices])
     cache.feeding(1, indices, batch)
@@ -132,13 +126,10 @@ def test_growing_the_prefix_invalidates_the_cache(setup, tmp_path):
 
 def test_cache_file_respects_its_bound_and_is_deleted_on_close(setup, tmp_path):
     model, examples, collate = setup
-    _freeze_below(model, 1)
-    blocks = _blocks(model)
-    lengths = [len(e["input_ids"]) for e in examples]
-    width = model.config.hidden_size
-    bound = (sum(lengths) // 2) * width * 2  # room for about half the token rows in float16
+    rows = sum(len(e["input_ids"]) for e in examples)
+    bound = (rows // 2) * model.config.hidden_size * 2  # room for about half the token rows in float16
     path = tmp_path / "c.bin"
-    cache = PrefixCache(model, blocks, lengths, path, bound, torch.float16)
+    cache, blocks = _cache(setup, 1, path, bound, torch.float16)
     indices = list(range(12))
     batch = collate(examples)
     cache.feeding(1, indices, batch)
@@ -152,9 +143,8 @@ def test_cache_file_respects_its_bound_and_is_deleted_on_close(setup, tmp_path):
 
 
 def test_left_padding_is_refused(setup, tmp_path):
-    model, examples, collate = setup
-    _freeze_below(model, 1)
-    cache = PrefixCache(model, _blocks(model), [len(e["input_ids"]) for e in examples], tmp_path / "c.bin", 10**9)
+    _, examples, collate = setup
+    cache, _ = _cache(setup, 1, tmp_path / "c.bin")
     batch = {key: value.flip(1) for key, value in collate(examples).items() if key != "labels"}
     with pytest.raises(ConfigError, match="right padding"):
         cache.feeding(1, list(range(12)), batch)
