@@ -93,13 +93,17 @@ def substitute_prefix(blocks: list[nn.Module], depth: int, hidden: torch.Tensor)
     def skip(*args, **kwargs) -> torch.Tensor:
         return hidden
 
+    own = [block.__dict__.get("forward") for block in blocks[:depth]]  # e.g. accelerate's hooked forward
     for block in blocks[:depth]:
         block.forward = skip
     try:
         yield
     finally:
-        for block in blocks[:depth]:
-            del block.forward
+        for block, forward in zip(blocks[:depth], own, strict=True):
+            if forward is None:
+                del block.forward
+            else:
+                block.forward = forward
 
 
 class PrefixCache:
