@@ -11,7 +11,7 @@ the default run trains several epochs over a subset of the training split (sized
 about 10 minutes on 2 busy CPU cores; scores from it are far below a full run's).
 
     .venv/bin/python bench/extensions.py                              # 1 seed, ~10 min on 2 cores
-    .venv/bin/python bench/extensions.py --seeds 0 1 2 --train-examples 0 --epochs 3
+    .venv/bin/python bench/extensions.py --seeds 0 1 2 --train-examples 0 --eval-examples 0 --epochs 3
 """
 
 from __future__ import annotations
@@ -131,7 +131,8 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--epochs", type=float, default=4.0)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--train-examples", type=int, default=256, help="first N training examples; 0 = all")
+    parser.add_argument("--train-examples", type=int, default=128, help="first N training examples; 0 = all")
+    parser.add_argument("--eval-examples", type=int, default=256, help="first N held-out examples; 0 = all")
     parser.add_argument("--flops-every", type=int, default=8, help="count FLOPs on step 1 and every N steps after")
     parser.add_argument(
         "--methods", nargs="+", default=list(METHODS), choices=list(METHODS), help="lora, safe always run"
@@ -143,6 +144,7 @@ def main() -> None:
         epochs=args.epochs,
         batch_size=args.batch_size,
         train_examples=args.train_examples or None,
+        eval_examples=args.eval_examples or None,
         flops_every=args.flops_every,
     )
     names = ["lora", "safe", *[name for name in args.methods if name not in ("lora", "safe")]]
@@ -156,8 +158,9 @@ def main() -> None:
     )
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     text = (
-        f"{args.model} / {args.dataset}, first {args.train_examples or 'all'} training examples, {args.epochs:g} "
-        f"epochs, batch {args.batch_size}, seeds {args.seeds}, {platform.machine()} CPU ×{torch.get_num_threads()} "
+        f"{args.model} / {args.dataset}, first {args.train_examples or 'all'} training and "
+        f"{args.eval_examples or 'all'} held-out examples, {args.epochs:g} epochs, batch {args.batch_size}, "
+        f"seeds {args.seeds}, {platform.machine()} CPU ×{torch.get_num_threads()} "
         f"threads (load average {load:.1f} at the end: the machine is shared, seconds are noisy).\n"
         f"Command: `{command}`\n\n" + table(runs, names, args.seeds)
     )

@@ -67,6 +67,10 @@ class TrainConfig:
     train_examples: int | None = field(
         default=None, metadata={"help": "train on the first N training examples only (quick experiments, benchmarks)"}
     )
+    eval_examples: int | None = field(
+        default=None,
+        metadata={"help": "evaluate on the first N held-out examples only (quick experiments, benchmarks)"},
+    )
     prefix_cache: bool = field(
         default=False,
         metadata={"help": "safe: cache what the frozen bottom blocks output per example (eval mode) and skip them"},
@@ -95,8 +99,9 @@ class TrainConfig:
             raise ConfigError("flops_every, eval_batch_size and rank must be >= 1")
         if self.prefix_cache and self.method != "safe":
             raise ConfigError("prefix_cache needs method safe: only SAFE freezes a prefix of blocks")
-        if self.train_examples is not None and self.train_examples < 1:
-            raise ConfigError(f"train_examples must be >= 1, got {self.train_examples}")
+        for name in ("train_examples", "eval_examples"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.cache_max_gb <= 0:
             raise ConfigError(f"cache_max_gb must be > 0, got {self.cache_max_gb}")
         if self.cache_dtype not in CACHE_DTYPES:
@@ -137,7 +142,7 @@ def prepare(config: TrainConfig):
     tokenizer = load_tokenizer(source)
     max_length = config.max_length or DEFAULT_MAX_LENGTH[task.kind]
     train_examples, test_examples = encode(task, tokenizer, max_length)
-    train_examples = train_examples[: config.train_examples]
+    train_examples, test_examples = train_examples[: config.train_examples], test_examples[: config.eval_examples]
     if len(train_examples) < config.batch_size:
         raise ConfigError(
             f"batch_size {config.batch_size} is larger than the {len(train_examples)} training examples; "
