@@ -4,7 +4,8 @@ Trains lora, safe, safe+merge, safe+cache, safe+all and safe-resource with the s
 data (``safefreeze.train.train``), then writes one table into BENCHMARKS.md under
 "## Beyond the paper: merge, cache, resource policy" (replacing that section): score,
 and per-step activation memory, FLOPs, seconds and total train seconds as ratios to LoRA
-and to plain SAFE of the same seed. Ratios are means over seeds.
+and to plain SAFE of the same seed. Ratios are means over seeds. Each run's full report is
+kept in bench/results/extensions/, so an interrupted sweep resumes where it stopped.
 
 The prefix cache only pays once the same examples come back after the prefix froze, so
 the default run trains several epochs over a subset of the training split (sized to take
@@ -17,6 +18,7 @@ about 10 minutes on 2 busy CPU cores; scores from it are far below a full run's)
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import re
@@ -29,6 +31,7 @@ from safefreeze.config import SafeConfig
 from safefreeze.train import TrainConfig, train
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "BENCHMARKS.md"
+RESULTS = Path(__file__).resolve().parent / "results" / "extensions"
 HEADING = "## Beyond the paper: merge, cache, resource policy"
 
 # name -> (TrainConfig overrides, SafeConfig overrides)
@@ -51,10 +54,19 @@ QUANTITIES = [
 
 
 def run(name: str, base: TrainConfig, seed: int) -> dict:
+    """One method's report (kept under bench/results/extensions/, so an interrupted sweep resumes)."""
+    path = RESULTS / (
+        f"{name}-{Path(base.model).name}-{base.dataset}-n{base.train_examples}-v{base.eval_examples}"
+        f"-e{base.epochs:g}-b{base.batch_size}-s{seed}.json"
+    )
+    if path.exists():
+        return json.loads(path.read_text())
     train_overrides, safe_overrides = METHODS[name]
     config = TrainConfig(**{**vars(base), **train_overrides, "seed": seed})
-    result = train(config, SafeConfig(seed=seed, **safe_overrides), progress=False)
-    return {"eval": result.report["eval"], "summary": result.report["summary"]}
+    report = train(config, SafeConfig(seed=seed, **safe_overrides), progress=False).report
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report))
+    return report
 
 
 def _ratio(runs: dict, name: str, baseline: str, key: str, seeds: list[int]) -> float:
