@@ -25,11 +25,8 @@ RESULTS = Path(__file__).parent / "results"
 SETTINGS: dict[str, tuple[str, dict]] = {
     "lora": ("lora", {}),
     "tau0.5-w0.3": ("safe", {"tau": 0.5, "warmup_ratio": 0.3}),
-    "tau0.2-w0.3": ("safe", {"tau": 0.2, "warmup_ratio": 0.3}),
-    "tau0.1-w0.3": ("safe", {"tau": 0.1, "warmup_ratio": 0.3}),
-    "tau0.2-w0.5": ("safe", {"tau": 0.2, "warmup_ratio": 0.5}),
-    "tau0.2-w0.3-ema0.5": ("safe", {"tau": 0.2, "warmup_ratio": 0.3, "smoothing": 0.5}),
-    "tau0.5-w0.5-ema0.5": ("safe", {"tau": 0.5, "warmup_ratio": 0.5, "smoothing": 0.5}),
+    "tau0.1-w0.3-ema0.7": ("safe", {"tau": 0.1, "warmup_ratio": 0.3, "smoothing": 0.7}),
+    "tau0.2-w0.3-ema0.7": ("safe", {"tau": 0.2, "warmup_ratio": 0.3, "smoothing": 0.7}),
 }
 
 
@@ -97,8 +94,8 @@ def main() -> None:
     args = parser.parse_args()
     settings = ["lora", *[s for s in args.settings if s != "lora"]]
     cells = {}
-    for dataset in args.datasets:
-        for seed in args.seeds:
+    for seed in args.seeds:
+        for dataset in args.datasets:
             for setting in settings:
                 print(f"{dataset} seed {seed} {setting}", flush=True)
                 cells[setting, dataset, seed] = run_cell(setting, dataset, seed, args.epochs)

@@ -42,9 +42,11 @@ def _add_dataclass_options(parser: argparse.ArgumentParser, cls, skip: set[str] 
             continue
         default = None if f.default is MISSING else f.default
         help_text = f.metadata.get("help", "") + (f" (default: {default})" if default is not None else "")
-        group.add_argument(
-            f"--{f.name.replace('_', '-')}", dest=f.name, type=_value_type(str(f.type)), default=None, help=help_text
-        )
+        flag = f"--{f.name.replace('_', '-')}"
+        if str(f.type) == "bool":  # a switch: given means True, absent keeps the dataclass default
+            group.add_argument(flag, dest=f.name, action="store_true", default=None, help=help_text)
+            continue
+        group.add_argument(flag, dest=f.name, type=_value_type(str(f.type)), default=None, help=help_text)
 
 
 def _from_args(cls, args: argparse.Namespace, **extra):
@@ -136,6 +138,8 @@ def _run(config: TrainConfig, safe: SafeConfig, out: Path, quiet: bool) -> dict:
     from safefreeze.report import write_run
     from safefreeze.train import train
 
+    if config.prefix_cache and config.cache_dir is None:
+        config = replace(config, cache_dir=str(out))  # the cache file lives (and dies) in the run directory
     result = train(config, safe, progress=not quiet)
     write_run(out, result.report, result.model, result.freezer)
     return result.report

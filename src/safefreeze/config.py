@@ -13,6 +13,7 @@ from safefreeze.schedule import SCHEDULES
 
 GRANULARITIES = ("block", "module")
 IMPORTANCES = ("cka", "random")
+POLICIES = ("threshold", "resource")  # safefreeze.policy implements them
 
 
 class ConfigError(ValueError):
@@ -71,6 +72,18 @@ class SafeConfig:
         default=0,
         metadata={"help": "seed for the probe's row subset and for random importance"},
     )
+    merge_frozen: bool = field(
+        default=False,
+        metadata={"help": "fold each frozen LoRA unit (scale*B*A) into its base weight so its matmuls leave the step"},
+    )
+    policy: str = field(
+        default="threshold",
+        metadata={"help": "which units freeze: 'threshold' (paper) or 'resource' (favour extending the frozen prefix)"},
+    )
+    resource_weight: float = field(
+        default=0.5,
+        metadata={"help": "resource policy: how far a unit's bar moves per block its freezing releases, in [0, 1]"},
+    )
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.tau <= 1.0:
@@ -88,7 +101,14 @@ class SafeConfig:
             raise ConfigError(f"min_trainable must be >= 0, got {self.min_trainable}")
         if not 0.0 <= self.smoothing < 1.0:
             raise ConfigError(f"smoothing must be in [0, 1), got {self.smoothing}")
-        for name, allowed in (("granularity", GRANULARITIES), ("schedule", SCHEDULES), ("importance", IMPORTANCES)):
+        if not 0.0 <= self.resource_weight <= 1.0:
+            raise ConfigError(f"resource_weight must be in [0, 1], got {self.resource_weight}")
+        for name, allowed in (
+            ("granularity", GRANULARITIES),
+            ("schedule", SCHEDULES),
+            ("importance", IMPORTANCES),
+            ("policy", POLICIES),
+        ):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
 

@@ -11,6 +11,12 @@ for good, keeping at least ``min_trainable`` trainable. Freezing sets
 ``requires_grad=False``, drops ``.grad`` and releases the optimizer's state for those
 parameters, so autograd records nothing for a frozen prefix of blocks and backward stops
 above it.
+
+Two options go beyond the paper: ``policy="resource"`` picks what to freeze by weighing
+importance against the activations it releases (policy.py), and ``merge_frozen`` folds
+each frozen LoRA unit into its base weights so its branch leaves the forward (merge.py).
+A merged unit can no longer be measured from the forward (its base layer already
+computes the adapted output), so its importance stays at its last measurement.
 """
 
 from __future__ import annotations
@@ -21,6 +27,8 @@ import torch
 from torch import nn
 
 from safefreeze.config import SafeConfig
+from safefreeze.merge import check_mergeable, merge_unit, unmerge_unit
+from safefreeze.policy import choose_units, frozen_prefix
 from safefreeze.schedule import threshold
 from safefreeze.units import AdapterUnit, FeatureCapture, block_index, find_units
 
@@ -69,10 +77,14 @@ class SafeFreezer:
         self.warmup_steps = config.resolve_warmup(total_steps)
         self.units: list[AdapterUnit] = find_units(model, config.granularity)
         self.frozen: dict[str, int] = {}  # unit name -> step it was frozen at
+        self.merged: set[str] = set()  # frozen units folded into their base weights (merge_frozen)
+        self._raw: dict[str, float] = {}  # last un-normalised importance, kept for merged units
         self.history: dict[str, list[list[float]]] = {unit.name: [] for unit in self.units}
         self._smoothed: dict[str, float] = {}
         self._generator = torch.Generator().manual_seed(config.seed)
         self._capture = FeatureCapture(self.units, config.probe_rows, config.seed)
+        if config.merge_frozen:
+            check_mergeable(self.units)
         for problem in self.diagnose():
             warnings.warn(problem, stacklevel=2)
 
@@ -91,10 +103,10 @@ class SafeFreezer:
         for name, score in scores.items():
             self.history[name].append([global_step, score])
         bar = threshold(global_step, self.warmup_steps, self.config.tau, self.config.schedule)
-        trainable = [u.name for u in self.units if u.name not in self.frozen]
-        below = sorted((scores[name], name) for name in trainable if scores[name] < bar)
-        budget = max(0, len(trainable) - self.config.min_trainable)
-        chosen = [name for _, name in below[:budget]]
+        budget = max(0, len(self.trainable_units) - self.config.min_trainable)
+        chosen = choose_units(
+            self.units, self.frozen, scores, bar, budget, self.config.policy, self.config.resource_weight
+        )
         self.freeze(chosen, global_step)
         return chosen
 
@@ -103,7 +115,8 @@ class SafeFreezer:
         if self.config.importance == "random":
             raw = {u.name: float(torch.rand((), generator=self._generator)) for u in self.units}
         else:
-            raw = self._cka_importance()
+            raw = {**self._raw, **self._cka_importance()}
+        self._raw = raw
         top = max(raw.values())
         normalised = {name: (value / top if top > 0 else 0.0) for name, value in raw.items()}
         beta = self.config.smoothing
@@ -122,6 +135,7 @@ class SafeFreezer:
         mask = probe.get("attention_mask")
         if mask is None:
             mask = torch.ones(input_ids.shape, dtype=torch.bool, device=device)
+        self._capture.units = [u for u in self.units if u.name not in self.merged]
         try:
             with self._capture.recording(mask.bool()):
                 self.model(**probe)
@@ -142,6 +156,16 @@ class SafeFreezer:
                 if self.optimizer is not None:
                     self.optimizer.state.pop(param, None)
             self.frozen[name] = global_step
+            if self.config.merge_frozen:
+                merge_unit(by_name[name])
+                self.merged.add(name)
+
+    def unmerge(self) -> None:
+        """Take merged units out of the base weights again, leaving a plain PEFT model (frozen units stay frozen)."""
+        for unit in self.units:
+            if unit.name in self.merged:
+                unmerge_unit(unit)
+        self.merged.clear()
 
     @property
     def trainable_units(self) -> list[AdapterUnit]:
@@ -149,10 +173,7 @@ class SafeFreezer:
 
     def frozen_prefix(self) -> int:
         """How many blocks from the bottom have all their units frozen (backward stops above them)."""
-        lowest = min((u.block for u in self.trainable_units), default=None)
-        if lowest is None:
-            return max(u.block for u in self.units) + 1
-        return lowest
+        return frozen_prefix(self.units, self.frozen)
 
     def diagnose(self) -> list[str]:
         """What would silently keep backward from stopping above frozen blocks, one sentence each."""
@@ -188,6 +209,7 @@ class SafeFreezer:
             "frozen": dict(self.frozen),
             "history": {name: [list(p) for p in points] for name, points in self.history.items()},
             "smoothed": dict(self._smoothed),
+            "raw": dict(self._raw),
             "generator": self._generator.get_state(),
         }
 
@@ -199,6 +221,7 @@ class SafeFreezer:
         self.warmup_steps = state["warmup_steps"]
         self.history = {name: [list(p) for p in points] for name, points in state["history"].items()}
         self._smoothed = dict(state["smoothed"])
+        self._raw = dict(state.get("raw", {}))
         self._generator.set_state(state["generator"])
         self.frozen = {}
         for name, step in state["frozen"].items():

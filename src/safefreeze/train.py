@@ -8,8 +8,12 @@ autograd saves for backward, FLOPs on sampled steps, seconds on the others.
 from __future__ import annotations
 
 import math
+import os
 import random
+import tempfile
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -26,6 +30,7 @@ from safefreeze.datafiles import load_dataset
 from safefreeze.freezer import SafeFreezer
 from safefreeze.metrics import classification_metrics, language_model_metrics
 from safefreeze.models import add_lora, load_model, load_tokenizer, model_kind, resolve_model
+from safefreeze.prefix_cache import CACHE_DTYPES, PrefixCache
 from safefreeze.units import find_blocks, find_units
 
 METHODS = ("lora", "safe", "full")
@@ -87,6 +92,23 @@ class TrainConfig:
     eval_batch_size: int = field(default=64, metadata={"help": "examples per evaluation batch"})
     flops_every: int = field(default=25, metadata={"help": "count FLOPs on step 1 and every N steps after"})
     device: str = field(default="auto", metadata={"help": "cpu, cuda, cuda:N or auto"})
+    train_examples: int | None = field(
+        default=None, metadata={"help": "train on the first N training examples only (quick experiments, benchmarks)"}
+    )
+    eval_examples: int | None = field(
+        default=None,
+        metadata={"help": "evaluate on the first N held-out examples only (quick experiments, benchmarks)"},
+    )
+    prefix_cache: bool = field(
+        default=False,
+        metadata={"help": "safe: cache what the frozen bottom blocks output per example (eval mode) and skip them"},
+    )
+    cache_max_gb: float = field(default=4.0, metadata={"help": "prefix cache: largest size of its file, in GB"})
+    cache_dtype: str = field(default="float16", metadata={"help": "prefix cache: float16 or float32"})
+    cache_dir: str | None = field(
+        default=None,
+        metadata={"help": "prefix cache: directory of its file (default: the run directory or a temp dir)"},
+    )
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -107,6 +129,15 @@ class TrainConfig:
             raise ConfigError(f"unknown adapter {self.adapter!r}; choose one of {', '.join(ADAPTERS)}")
         if self.target_modules is not None and self.adapter != "lora":
             raise ConfigError("--target-modules applies to --adapter lora; bottleneck adapters sit after known layers")
+        if self.prefix_cache and self.method != "safe":
+            raise ConfigError("prefix_cache needs method safe: only SAFE freezes a prefix of blocks")
+        for name in ("train_examples", "eval_examples"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.cache_max_gb <= 0:
+            raise ConfigError(f"cache_max_gb must be > 0, got {self.cache_max_gb}")
+        if self.cache_dtype not in CACHE_DTYPES:
+            raise ConfigError(f"cache_dtype must be one of {', '.join(CACHE_DTYPES)}, got {self.cache_dtype!r}")
 
     @property
     def learning_rate(self) -> float:
@@ -150,6 +181,7 @@ def prepare(config: TrainConfig):
     tokenizer = load_tokenizer(source)
     max_length = config.max_length or DEFAULT_MAX_LENGTH[task.kind]
     train_examples, test_examples = encode(task, tokenizer, max_length)
+    train_examples, test_examples = train_examples[: config.train_examples], test_examples[: config.eval_examples]
     if len(train_examples) < config.batch_size:
         raise ConfigError(
             f"batch_size {config.batch_size} is larger than the {len(train_examples)} training examples; "
@@ -193,7 +225,18 @@ def train(config: TrainConfig, safe: SafeConfig | None = None, progress: bool = 
         probe = collate([train_examples[i] for i in probe_order])
         probe.pop("labels")
         freezer = SafeFreezer(model, safe, optimizer, probe=probe, total_steps=total_steps)
-    scopes = {f"block.{i}": block for i, block in find_blocks(model).items()}
+    blocks = find_blocks(model)
+    scopes = {f"block.{i}": block for i, block in blocks.items()}
+    cache = None
+    if config.prefix_cache:
+        cache = PrefixCache(
+            model,
+            [blocks[i] for i in sorted(blocks)],
+            [len(example["input_ids"]) for example in train_examples],
+            Path(config.cache_dir or tempfile.gettempdir()) / f".safefreeze-prefix-cache-{os.getpid()}.bin",
+            int(config.cache_max_gb * 1e9),
+            CACHE_DTYPES[config.cache_dtype],
+        )
     trainable_at_start = accounting.trainable_parameters(model)
 
     steps: list[dict] = []
@@ -203,9 +246,9 @@ def train(config: TrainConfig, safe: SafeConfig | None = None, progress: bool = 
     bar = tqdm(total=total_steps, desc=f"{config.method} {config.dataset}", disable=not progress, leave=False)
     step = 0
     for epoch in range(math.ceil(total_steps / steps_per_epoch)):
-        for batch in iterate_batches(
-            train_examples, config.batch_size, collate, epoch_order(len(train_examples), config.seed, epoch)
-        ):
+        order = epoch_order(len(train_examples), config.seed, epoch)
+        batches = iterate_batches(train_examples, config.batch_size, collate, order)
+        for first, batch in zip(range(0, len(order), config.batch_size), batches, strict=True):
             step += 1
             if step > total_steps:
                 break
@@ -213,7 +256,9 @@ def train(config: TrainConfig, safe: SafeConfig | None = None, progress: bool = 
             sample_flops = (step - 1) % config.flops_every == 0
             step_start = accounting.now(device)
             counter = accounting.flop_counter(sample_flops)
-            with accounting.record_saved_tensors(model, scopes) as saved, counter:
+            indices = order[first : first + config.batch_size]
+            prefix = cache.feeding(freezer.frozen_prefix(), indices, batch) if cache else nullcontext()
+            with accounting.record_saved_tensors(model, scopes) as saved, counter, prefix:
                 loss = model(**batch).loss
                 loss.backward()
             flops = counter.get_total_flops()
@@ -240,6 +285,11 @@ def train(config: TrainConfig, safe: SafeConfig | None = None, progress: bool = 
             bar.set_postfix(loss=f"{loss.item():.3f}", frozen=len(freezer.frozen) if freezer else 0)
     bar.close()
     train_seconds = accounting.now(device) - started
+    merged_units = len(freezer.merged) if freezer else 0
+    if freezer is not None:
+        freezer.unmerge()  # evaluate and save a plain PEFT model; the adapter weights are the same
+    if cache is not None:
+        cache.close()
 
     evaluation = evaluate(model, task, test_examples, collate, config.eval_batch_size, device, progress)
     report = build_report(config, safe, task, model, freezer, optimizer, steps, evaluation)
@@ -248,6 +298,8 @@ def train(config: TrainConfig, safe: SafeConfig | None = None, progress: bool = 
         scoring_seconds=scoring_seconds,
         trainable_parameters_start=trainable_at_start,
         cuda_peak_bytes=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
+        merged_units=merged_units,
+        prefix_cache=cache.stats() if cache else None,
     )
     return RunResult(report, model, freezer)
 
