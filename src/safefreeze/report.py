@@ -1,7 +1,8 @@
 """Writing a run (report.json, report.md, the adapter) and the side-by-side comparison table.
 
 A run directory appears whole or not at all: everything is written into a hidden staging
-directory beside ``--out`` and renamed into place at the end.
+directory beside ``--out`` and renamed into place at the end. Only the run's checkpoints
+(``checkpoints/``, each written atomically on its own) live in ``--out`` while it trains.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 
 from peft import PeftModel
 
+from safefreeze import checkpoint
 from safefreeze.adapters.bottleneck import is_bottleneck_model, save_bottleneck
 from safefreeze.config import ConfigError
 from safefreeze.state import write_state
@@ -20,27 +22,72 @@ from safefreeze.state import write_state
 MIB = 2**20
 
 
-def check_out_dir(out: Path) -> None:
-    """Refuse an ``--out`` that holds something other than an earlier run, or cannot be written."""
+def check_out_dir(out: Path, identity: dict | None = None, overwrite: bool = False, resuming: bool = False) -> None:
+    """Refuse an ``--out`` that holds something other than an earlier run, or cannot be written.
+
+    With ``identity`` (``train.run_identity``) also refuse, unless ``overwrite``, an
+    ``--out`` holding a different run, or an interrupted run of this one when not ``resuming``.
+    """
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file; choose a directory")
-    if (
-        out.is_dir()
-        and any(out.iterdir())
-        and not (out / "report.json").exists()
-        and not (out / "comparison.json").exists()
-    ):
-        raise ConfigError(f"--out {out} already holds files that are not a safefreeze run; choose an empty directory")
+    checkpoints = checkpoint.listing(out / checkpoint.CHECKPOINT_DIR)
+    finished = out / "report.json"
+    if out.is_dir() and any(out.iterdir()):
+        if not (finished.exists() or checkpoints or (out / "comparison.json").exists()):
+            raise ConfigError(
+                f"--out {out} already holds files that are not a safefreeze run; choose an empty directory"
+            )
+        if identity is not None and not overwrite:
+            held = _held_identity(finished, checkpoints)
+            if held != identity:
+                raise ConfigError(
+                    f"--out {out} already holds a different run ({_difference(held, identity)}); "
+                    "choose another --out or pass --overwrite to replace it"
+                )
+            if not finished.exists() and not resuming:
+                raise ConfigError(
+                    f"--out {out} holds an interrupted run of this configuration ({checkpoints[-1].name}); "
+                    f"continue it with --resume {out} or pass --overwrite to start over"
+                )
     parent = out.parent if not out.exists() else out
-    parent.mkdir(parents=True, exist_ok=True)
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ConfigError(
+            f"--out {out} cannot be created ({error.strerror}); choose a directory you can write to"
+        ) from error
     if not os.access(parent, os.W_OK):
         raise ConfigError(f"--out {out} is not writable; choose a directory you can write to")
+
+
+def _held_identity(finished: Path, checkpoints: list[Path]) -> dict | None:
+    """The identity of the run in a directory: from its report.json, else from its newest checkpoint."""
+    if finished.exists():
+        report = json.loads(finished.read_text())
+        return {"config": report.get("config"), "safe_config": report.get("safe_config")}
+    if checkpoints:
+        return checkpoint.load(checkpoints[-1])["identity"]
+    return None
+
+
+def _difference(held: dict | None, identity: dict) -> str:
+    """The first few settings that differ between two run identities, as ``name: there → here``."""
+    if held is None:
+        return "a comparison"
+    changes = [
+        f"{name}: {(held.get(part) or {}).get(name)!r} there, {value!r} here"
+        for part in ("config", "safe_config")
+        for name, value in (identity.get(part) or {}).items()
+        if (held.get(part) or {}).get(name) != value
+    ]
+    return "; ".join(changes[:3]) or "a different configuration"
 
 
 def write_run(out: Path, report: dict, model=None, freezer=None) -> None:
     """Write report.json, report.md and the trained adapter (``adapter/``) or model (``model/``).
 
     With a ``freezer``, SAFE's state goes beside the adapter as ``adapter/safe_state.json``.
+    The run's checkpoints (``checkpoints/``) stay.
     """
 
     def fill(staging: Path) -> None:
@@ -53,20 +100,29 @@ def write_run(out: Path, report: dict, model=None, freezer=None) -> None:
         if freezer is not None:
             write_state(freezer, staging / "adapter")
 
-    write_atomically(out, fill)
+    write_atomically(out, fill, keep=(checkpoint.CHECKPOINT_DIR,))
 
 
-def write_atomically(out: Path, fill) -> None:
-    """Build a directory with ``fill(staging)`` beside ``out``, then swap it into place."""
+def write_atomically(out: Path, fill, keep: tuple[str, ...] = ()) -> None:
+    """Build a directory with ``fill(staging)`` beside ``out``, then swap it into place.
+
+    Entries of the old ``out`` named in ``keep`` move into the new one. An ``OSError``
+    (disk full...) leaves ``out`` as it was and no staging directory behind.
+    """
     out = Path(out)
     staging = out.with_name(f".{out.name}.partial-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     try:
         fill(staging)
-    except BaseException:
+    except BaseException as error:
         shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(error, OSError) and error.filename is None:
+            error.filename = str(out)
         raise
+    for name in keep:
+        if (out / name).exists():
+            (out / name).rename(staging / name)
     if out.exists():
         shutil.rmtree(out)
     staging.rename(out)

@@ -13,6 +13,7 @@ import random
 import tempfile
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -21,11 +22,12 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
-from safefreeze import accounting
+from safefreeze import accounting, checkpoint, distributed, faults
 from safefreeze.adapters.bottleneck import KINDS as BOTTLENECK_KINDS
 from safefreeze.adapters.bottleneck import BottleneckConfig, add_bottleneck
+from safefreeze.checkpoint import Checkpoints, Progress
 from safefreeze.config import ConfigError, SafeConfig
-from safefreeze.data import Collator, TaskData, encode, epoch_order, iterate_batches
+from safefreeze.data import Collator, TaskData, check_task, encode, epoch_order, iterate_batches
 from safefreeze.datafiles import load_dataset
 from safefreeze.freezer import SafeFreezer
 from safefreeze.metrics import classification_metrics, language_model_metrics
@@ -121,6 +123,12 @@ class TrainConfig:
             raise ConfigError(f"epochs must be > 0, got {self.epochs}")
         if self.lr is not None and not 0 < self.lr < 1:
             raise ConfigError(f"lr must be in (0, 1), got {self.lr}")
+        if not 0 <= self.lr_warmup_ratio < 1:
+            raise ConfigError(f"lr_warmup_ratio must be in [0, 1), got {self.lr_warmup_ratio}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if not 0 <= self.lora_dropout < 1 or self.alpha <= 0:
+            raise ConfigError(f"lora_dropout must be in [0, 1) and alpha > 0, got {self.lora_dropout} and {self.alpha}")
         if self.max_length is not None and self.max_length < 2:
             raise ConfigError(f"max_length must be >= 2 tokens, got {self.max_length}")
         if self.flops_every < 1 or self.eval_batch_size < 1 or self.rank < 1 or self.reduction_factor < 1:
@@ -172,9 +180,15 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def run_identity(config: TrainConfig, safe: SafeConfig) -> dict:
+    """What makes two runs the same run: their configurations (report.json and checkpoints hold it)."""
+    return {"config": asdict(config), "safe_config": safe.to_dict() if config.method == "safe" else None}
+
+
 def prepare(config: TrainConfig):
     """Task, tokenizer, encoded splits and the (adapter-wrapped) model, with clear errors."""
     task = load_dataset(config.dataset, config.text_column, config.text_pair_column, config.label_column)
+    check_task(task)
     source = resolve_model(config.model)
     if task.kind == "causal_lm" and model_kind(source) != "decoder":
         raise ConfigError(f"{config.dataset} is a causal-LM dataset; use a decoder model such as smollm2")
@@ -182,6 +196,8 @@ def prepare(config: TrainConfig):
     max_length = config.max_length or DEFAULT_MAX_LENGTH[task.kind]
     train_examples, test_examples = encode(task, tokenizer, max_length)
     train_examples, test_examples = train_examples[: config.train_examples], test_examples[: config.eval_examples]
+    if not train_examples:
+        raise ConfigError(f"{config.dataset} has no training examples at max_length {max_length}")
     if len(train_examples) < config.batch_size:
         raise ConfigError(
             f"batch_size {config.batch_size} is larger than the {len(train_examples)} training examples; "
@@ -204,11 +220,29 @@ def add_adapter(model: nn.Module, kind: str, config: TrainConfig) -> nn.Module:
     return add_bottleneck(model, BottleneckConfig(config.adapter, config.reduction_factor, head))
 
 
-def train(config: TrainConfig, safe: SafeConfig | None = None, progress: bool = True) -> RunResult:
-    """Train, measure every step, evaluate on the held-out split; return the report and model."""
+def train(
+    config: TrainConfig,
+    safe: SafeConfig | None = None,
+    progress: bool = True,
+    checkpoints: Checkpoints | None = None,
+) -> RunResult:
+    """Train, measure every step, evaluate on the held-out split; return the report and model.
+
+    Under ``torchrun`` every process calls this; they train one model with DDP
+    (distributed.py) and rank 0 evaluates (the report of other ranks has empty ``eval``).
+    ``checkpoints`` says where and how often to checkpoint and what to resume from.
+
+    Raises:
+        faults.TrainingHalted: the loss stopped being finite, or SIGINT/SIGTERM arrived
+            (a checkpoint is saved first, if ``checkpoints`` has a directory).
+    """
     safe = safe or SafeConfig(seed=config.seed)
-    task, tokenizer, train_examples, test_examples, model = prepare(config)
+    checkpoints = checkpoints or Checkpoints()
     device = resolve_device(config.device)
+    group = distributed.setup(device)
+    distributed.check_batch_size(config.batch_size, group.world_size)
+    device = group.pin(device)
+    task, tokenizer, train_examples, test_examples, model = prepare(config)
     model.to(device)
     collate = Collator(tokenizer, task.kind)
 
@@ -224,7 +258,8 @@ def train(config: TrainConfig, safe: SafeConfig | None = None, progress: bool = 
         probe_order = epoch_order(len(train_examples), config.seed, epoch=-1)[: safe.probe_size]
         probe = collate([train_examples[i] for i in probe_order])
         probe.pop("labels")
-        freezer = SafeFreezer(model, safe, optimizer, probe=probe, total_steps=total_steps)
+        freezer_class = SafeFreezer if group.world_size == 1 else partial(distributed.RankConsistentFreezer, group)
+        freezer = freezer_class(model, safe, optimizer, probe=probe, total_steps=total_steps)
     blocks = find_blocks(model)
     scopes = {f"block.{i}": block for i, block in blocks.items()}
     cache = None
@@ -238,68 +273,99 @@ def train(config: TrainConfig, safe: SafeConfig | None = None, progress: bool = 
             CACHE_DTYPES[config.cache_dtype],
         )
     trainable_at_start = accounting.trainable_parameters(model)
+    identity = run_identity(config, safe)
 
-    steps: list[dict] = []
-    scoring_seconds = 0.0
+    run = Progress()
+    if checkpoints.resume_from is not None:
+        checkpoint.restore(
+            checkpoints.resume_from, model, optimizer, scheduler, freezer, run, group.rank, group.world_size
+        )
+    trained_before = run.train_seconds
     model.train()
+    replica = distributed.Replica(model, group)
+    local_batch_size = config.batch_size // group.world_size
     started = accounting.now(device)
-    bar = tqdm(total=total_steps, desc=f"{config.method} {config.dataset}", disable=not progress, leave=False)
-    step = 0
-    for epoch in range(math.ceil(total_steps / steps_per_epoch)):
-        order = epoch_order(len(train_examples), config.seed, epoch)
-        batches = iterate_batches(train_examples, config.batch_size, collate, order)
-        for first, batch in zip(range(0, len(order), config.batch_size), batches, strict=True):
-            step += 1
-            if step > total_steps:
-                break
-            batch = {k: v.to(device) for k, v in batch.items()}
-            sample_flops = (step - 1) % config.flops_every == 0
-            step_start = accounting.now(device)
-            counter = accounting.flop_counter(sample_flops)
-            indices = order[first : first + config.batch_size]
-            prefix = cache.feeding(freezer.frozen_prefix(), indices, batch) if cache else nullcontext()
-            with accounting.record_saved_tensors(model, scopes) as saved, counter, prefix:
-                loss = model(**batch).loss
-                loss.backward()
-            flops = counter.get_total_flops()
-            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            seconds = accounting.now(device) - step_start
-            if freezer is not None and freezer.is_due(step):
-                score_start = accounting.now(device)
-                freezer.step(step)
-                scoring_seconds += accounting.now(device) - score_start
-            steps.append(
-                {
-                    "step": step,
-                    "loss": loss.item(),
-                    "activation_bytes": saved.bytes,
-                    "flops": flops,
-                    "seconds": None if sample_flops else seconds,
-                    "frozen_units": len(freezer.frozen) if freezer else 0,
-                }
-            )
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}", frozen=len(freezer.frozen) if freezer else 0)
+    bar = tqdm(
+        total=total_steps, initial=run.step, desc=f"{config.method} {config.dataset}", disable=not progress, leave=False
+    )
+    with faults.stop_requests() as stop_requested:
+        for epoch in range(run.step // steps_per_epoch, math.ceil(total_steps / steps_per_epoch)):
+            order = group.shard(epoch_order(len(train_examples), config.seed, epoch), config.batch_size)
+            done = run.step - epoch * steps_per_epoch  # > 0 only in the epoch a resumed run starts in
+            order = order[done * local_batch_size :]
+            batches = iterate_batches(train_examples, local_batch_size, collate, order)
+            for first, batch in zip(range(0, len(order), local_batch_size), batches, strict=True):
+                step = run.step + 1
+                if step > total_steps:
+                    break
+                batch = {k: v.to(device) for k, v in batch.items()}
+                sample_flops = (step - 1) % config.flops_every == 0
+                step_start = accounting.now(device)
+                counter = accounting.flop_counter(sample_flops)
+                indices = order[first : first + local_batch_size]
+                prefix = cache.feeding(freezer.frozen_prefix(), indices, batch) if cache else nullcontext()
+                with accounting.record_saved_tensors(model, scopes) as saved, counter, prefix:
+                    loss = replica(**batch).loss
+                    loss.backward()
+                flops = counter.get_total_flops()
+                loss_value, stop = group.agree(loss, stop_requested.is_set())
+                faults.check_loss(loss_value, step, checkpoints.last)
+                torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                seconds = accounting.now(device) - step_start
+                ddp_rebuild_seconds = None
+                if freezer is not None and freezer.is_due(step):
+                    score_start = accounting.now(device)
+                    frozen_now = freezer.step(step)
+                    run.scoring_seconds += accounting.now(device) - score_start
+                    if frozen_now and group.world_size > 1:  # DDP's reducer must forget the frozen parameters
+                        rebuild_start = accounting.now(device)
+                        replica.rebuild()
+                        ddp_rebuild_seconds = accounting.now(device) - rebuild_start
+                run.step = step
+                run.records.append(
+                    {
+                        "step": step,
+                        "loss": loss_value,
+                        "activation_bytes": saved.bytes,
+                        "flops": flops,
+                        "seconds": None if sample_flops else seconds,
+                        "ddp_rebuild_seconds": ddp_rebuild_seconds,
+                        "frozen_units": len(freezer.frozen) if freezer else 0,
+                    }
+                )
+                run.train_seconds = trained_before + accounting.now(device) - started
+                if checkpoints.due(step) or (stop and checkpoints.directory is not None):
+                    rng = group.gather(checkpoint.rng_state())
+                    state = checkpoint.capture(
+                        model, optimizer, scheduler, freezer, run, steps_per_epoch, identity, rng
+                    )
+                    checkpoints.last = group.on_main(partial(checkpoints.save, state))
+                if stop:
+                    raise faults.interrupted(step, checkpoints.last)
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss_value:.3f}", frozen=len(freezer.frozen) if freezer else 0)
     bar.close()
-    train_seconds = accounting.now(device) - started
     merged_units = len(freezer.merged) if freezer else 0
     if freezer is not None:
         freezer.unmerge()  # evaluate and save a plain PEFT model; the adapter weights are the same
     if cache is not None:
         cache.close()
 
-    evaluation = evaluate(model, task, test_examples, collate, config.eval_batch_size, device, progress)
-    report = build_report(config, safe, task, model, freezer, optimizer, steps, evaluation)
+    evaluation = (
+        evaluate(model, task, test_examples, collate, config.eval_batch_size, device, progress) if group.is_main else {}
+    )
+    report = build_report(config, safe, task, model, freezer, optimizer, run.records, evaluation)
     report["summary"].update(
-        train_seconds=train_seconds,
-        scoring_seconds=scoring_seconds,
+        train_seconds=run.train_seconds,
+        scoring_seconds=run.scoring_seconds,
         trainable_parameters_start=trainable_at_start,
         cuda_peak_bytes=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
         merged_units=merged_units,
         prefix_cache=cache.stats() if cache else None,
+        world_size=group.world_size,
     )
     return RunResult(report, model, freezer)
 
@@ -354,8 +420,7 @@ def build_report(config, safe, task, model, freezer, optimizer, steps, evaluatio
         "model": config.model,
         "dataset": config.dataset,
         "seed": config.seed,
-        "config": asdict(config),
-        "safe_config": safe.to_dict() if config.method == "safe" else None,
+        **run_identity(config, safe),
         "warmup_steps": freezer.warmup_steps if freezer else None,
         "eval": evaluation,
         "labels": task.labels,
