@@ -17,7 +17,7 @@ from peft import PeftModel
 
 from safefreeze import checkpoint, cli, train
 from safefreeze.config import ConfigError
-from safefreeze.data import TaskData
+from safefreeze.data import in_test_split
 from safefreeze.report import check_out_dir
 
 BASE = [
@@ -62,22 +62,29 @@ def test_unreadable_model_directory(tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
+def _rows(train_labels: str, test_labels: str) -> list[tuple[str, str]]:
+    """(text, label) rows the hash split sends to training, one per letter of ``train_labels``, and to test."""
+    texts = [f"example number {i}" for i in range(100)]
+    train, test = ([t for t in texts if in_test_split(t) == side] for side in (False, True))
+    return [*zip(train, train_labels, strict=False), *zip(test, test_labels, strict=False)]
+
+
 @pytest.mark.parametrize(
-    ("train_split", "test_split", "message"),
+    ("rows", "message"),
     [
-        ([], [("c", 0)], "dataset mine has no train examples"),
-        ([("a", 0), ("b", 1)], [], "dataset mine has no test examples"),
-        ([("a", 0), ("b", 0)], [("c", 0)], "dataset mine has a single class in training (x); classification needs"),
-        ([("a", 0), ("b", 1)], [("c", 2)], "dataset mine: test labels never seen in training (z); add training"),
+        (_rows("", "ab"), "dataset mine has no train examples"),
+        (_rows("ab", ""), "dataset mine has no test examples"),
+        (_rows("aa", "b"), "dataset mine has a single class in training (a); classification needs at least two"),
+        (_rows("ab", "c"), "dataset mine: test labels never seen in training (c); add training examples of them"),
     ],
 )
-def test_unusable_dataset(train_split, test_split, message, tmp_path, capsys, monkeypatch):
-    task = TaskData("mine", "classification", train_split, test_split, labels=["x", "y", "z"])
-    monkeypatch.setattr(train, "load_task", lambda name: task)
-    code, err = _fails([*BASE, "--out", str(tmp_path / "run")], capsys)
+def test_unusable_dataset_file(rows, message, tmp_path, capsys):
+    data = tmp_path / "mine.csv"
+    data.write_text("text,label\n" + "".join(f"{text},{label}\n" for text, label in rows))
+    code, err = _fails([*BASE, "--dataset", str(data), "--out", str(tmp_path / "run")], capsys)
     assert code == 2
     assert err.startswith(f"error: {message}")
-    assert list(tmp_path.iterdir()) == []
+    assert not (tmp_path / "run").exists()
 
 
 def _identity(argv: list[str], **changes) -> dict:
