@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from safefreeze import checkpoint, cli
 from safefreeze.config import ConfigError, SafeConfig
-from safefreeze.train import TrainConfig, run_identity
+from safefreeze.train import TrainConfig, run_identity, train
 
 
 def _state(step: int) -> dict:
@@ -114,3 +114,20 @@ def test_resume_refuses_a_changed_configuration(tmp_path, capsys):
         "safefreeze: error: a resumed run keeps the configuration it was started with; "
         "drop --lr 0.01 (checkpoint: 0.001)\n"
     )
+
+
+def test_resume_with_merge_on_freeze_is_bit_exact(tmp_path, no_eval):
+    """Merged units change base weights, which checkpoints do not hold: resuming merges them again."""
+    config = TrainConfig(max_steps=6, batch_size=8, max_length=16, flops_every=1000)
+    safe = SafeConfig(tau=0.9, warmup_steps=4, score_every=2, probe_size=8, merge_frozen=True)
+    whole = train(config, safe, progress=False, checkpoints=checkpoint.Checkpoints(tmp_path, save_every=3, keep=2))
+    state = checkpoint.load(tmp_path / "step-000003.pt")
+    assert state["freezer"]["frozen"]  # merged before the checkpoint, more freezes after it
+    resumed = train(config, safe, progress=False, checkpoints=checkpoint.Checkpoints(resume_from=state))
+    assert (
+        whole.report["summary"]["merged_units"]
+        == resumed.report["summary"]["merged_units"]
+        > len(state["freezer"]["frozen"])
+    )
+    expected, got = whole.model.state_dict(), resumed.model.state_dict()
+    assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
