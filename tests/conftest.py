@@ -18,7 +18,9 @@ from safefreeze.data import Collator, encode, load_task  # noqa: E402
 from safefreeze.models import add_lora, load_model, load_tokenizer, resolve_model  # noqa: E402
 
 transformers.logging.set_verbosity_error()
-torch.set_num_threads(2)
+# One thread: on a shared 2-core machine two OpenMP threads per process oversubscribe the cores
+# and small ops run 5-30x slower; these tests run small ops only.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
@@ -83,7 +85,11 @@ def cli_until():
     processes = []
 
     def start(args: list[str], path: Path) -> subprocess.Popen:
-        env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src"), "OMP_NUM_THREADS": "2"}
+        env = {
+            **os.environ,
+            "PYTHONPATH": str(Path(__file__).parents[1] / "src"),
+            "OMP_NUM_THREADS": str(torch.get_num_threads()),
+        }
         process = subprocess.Popen(
             [sys.executable, "-m", "safefreeze.cli", *args], env=env, stderr=subprocess.PIPE, text=True
         )
@@ -100,3 +106,23 @@ def cli_until():
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+@pytest.fixture
+def quick_train(no_eval):
+    """``quick_train(method, safe=None, **overrides)``: a 6-step MiniLM/TREC run through the real loop.
+
+    Batches of 4, SAFE warm-up of 4 steps scored every 2; no held-out scoring (``no_eval``:
+    these tests look at freezing and files, not at scores).
+    """
+    from safefreeze import train as train_module
+    from safefreeze.config import SafeConfig
+
+    def run(method: str, safe: SafeConfig | None = None, **overrides):
+        config = train_module.TrainConfig(
+            method=method, **{"max_steps": 6, "batch_size": 4, "flops_every": 3, **overrides}
+        )
+        safe = safe or SafeConfig(warmup_steps=4, score_every=2, seed=config.seed)
+        return train_module.train(config, safe, progress=False)
+
+    return run

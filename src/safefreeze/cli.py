@@ -1,4 +1,5 @@
-"""``safefreeze`` command line: ``train`` one run, ``compare`` LoRA and SAFE side by side.
+"""``safefreeze`` command line: ``train`` one run, ``compare`` LoRA and SAFE side by side,
+``bench`` a grid of methods × tasks × seeds, ``plot`` and ``landscape`` what they wrote.
 
 Options are generated from the ``TrainConfig`` and ``SafeConfig`` dataclasses, so their
 help text lives in one place. ``--config run.yaml|run.toml`` reads the same options from a
@@ -90,6 +91,26 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume", type=Path, default=None, help="continue from a checkpoint, a run's checkpoints/ or its --out"
     )
     runs.add_argument("--overwrite", action="store_true", help="replace a different run already in --out")
+    bench = commands.add_parser(
+        "bench", help="run (or resume) the benchmark grid of methods x tasks x seeds; write results.{json,csv,md}"
+    )
+    bench.add_argument("--quick", action="store_true", help="the quick preset (under 15 min on 2 CPU cores)")
+    bench.add_argument("--out", type=Path, default=None, help="bench directory (default: bench/results/<preset>)")
+    bench.add_argument("--tasks", default=None, help="comma-separated subset of trec, movies, hamlet")
+    bench.add_argument("--quiet", action="store_true", help="no progress bars")
+    plot = commands.add_parser("plot", help="draw PNG plots of a run, compare or bench directory into it")
+    plot.add_argument("directory", type=Path)
+    landscape = commands.add_parser(
+        "landscape", help="loss surfaces, Hessian sharpness and adapter norms of a run (or of every run in a dir)"
+    )
+    landscape.add_argument("directory", type=Path, help="a run directory, or one holding runs (e.g. lora/, safe/)")
+    landscape.add_argument("--seed", type=int, default=0, help="seed of the random directions and power iteration")
+    landscape.add_argument("--points-1d", type=int, default=21, help="odd number of points of the 1-D curve")
+    landscape.add_argument("--points-2d", type=int, default=9, help="odd number of points per axis of the 2-D grid")
+    landscape.add_argument("--span", type=float, default=1.0, help="the surfaces reach from -span to span")
+    landscape.add_argument("--examples", type=int, default=32, help="fixed training examples the loss is taken on")
+    landscape.add_argument("--iterations", type=int, default=30, help="power-iteration steps for the top eigenvalue")
+    landscape.add_argument("--scope", default="all", help="adapter parameters: all units, or only those trainable")
     return parser
 
 
@@ -246,6 +267,48 @@ def _describe(error: OSError) -> str:
     return f"{error.strerror or error}: {error.filename}" if error.filename else str(error)
 
 
+def command_bench(args: argparse.Namespace) -> None:
+    from safefreeze.bench import run_bench
+    from safefreeze.plots import PLOTS_HEADING, plot
+
+    preset = "quick" if args.quick else "full"
+    out = args.out or Path("bench") / "results" / preset
+    tasks = args.tasks.split(",") if args.tasks else None
+    command = "safefreeze bench" + (" --quick" if args.quick else "") + (f" --tasks {args.tasks}" if args.tasks else "")
+    run_bench(preset, out, tasks, progress=not args.quiet, command=command)
+    plot(out)
+    print((out / "results.md").read_text().split(f"\n{PLOTS_HEADING}")[0])
+    print(f"wrote {out}/results.json, results.csv, results.md and the plots")
+
+
+def command_plot(args: argparse.Namespace) -> None:
+    from safefreeze.plots import plot
+
+    if not args.directory.is_dir():
+        raise ConfigError(f"{args.directory} is not a directory; point at a run, compare or bench directory")
+    for path in plot(args.directory):
+        print(path)
+
+
+def command_landscape(args: argparse.Namespace) -> None:
+    from safefreeze.landscape import landscape
+
+    if not args.directory.is_dir():
+        raise ConfigError(f"{args.directory} is not a directory; point at a run or a directory of runs")
+    landscape(
+        args.directory,
+        seed=args.seed,
+        points_1d=args.points_1d,
+        points_2d=args.points_2d,
+        span=args.span,
+        examples=args.examples,
+        iterations=args.iterations,
+        scope=args.scope,
+    )
+    print((args.directory / "landscape.md").read_text())
+    print(f"wrote {args.directory}/landscape.json, landscape.md and landscape.png")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     say = distributed.Group.from_env().is_main  # every rank fails alike; one of them speaks
@@ -255,7 +318,14 @@ def main(argv: list[str] | None = None) -> int:
         transformers.logging.set_verbosity_error()
         transformers.logging.disable_progress_bar()
         warnings.filterwarnings("ignore", category=FutureWarning)  # deprecation chatter from dependencies
-        {"train": command_train, "compare": command_compare}[args.command](args)
+        commands = {
+            "train": command_train,
+            "compare": command_compare,
+            "bench": command_bench,
+            "plot": command_plot,
+            "landscape": command_landscape,
+        }
+        commands[args.command](args)
         distributed.teardown()
     except ConfigError as error:
         return _fail(f"error: {error}", 2, say)

@@ -1,8 +1,10 @@
 """The reference training loop: plain PyTorch, AdamW, linear LR schedule, seeded.
 
-One loop serves every method: ``full`` (all weights), ``lora`` (PEFT LoRA) and ``safe``
-(LoRA + ``SafeFreezer``). Every step is measured the same way (accounting.py): bytes
-autograd saves for backward, FLOPs on sampled steps, seconds on the others.
+One loop serves every method: ``full`` (all weights), ``lora`` (PEFT LoRA), ``safe``
+(LoRA + ``SafeFreezer``) and the freezing baselines ``random``, ``adapterdrop`` and
+``freezeout`` (LoRA + a planned freezer, baselines.py). Every step is measured the same
+way (accounting.py): bytes autograd saves for backward, FLOPs on sampled steps, seconds on
+the others.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from transformers import get_linear_schedule_with_warmup
 from safefreeze import accounting, checkpoint, distributed, faults
 from safefreeze.adapters.bottleneck import KINDS as BOTTLENECK_KINDS
 from safefreeze.adapters.bottleneck import BottleneckConfig, add_bottleneck
+from safefreeze.baselines import BASELINES, baseline_freezer
 from safefreeze.checkpoint import Checkpoints, Progress
 from safefreeze.config import ConfigError, SafeConfig
 from safefreeze.data import Collator, TaskData, check_task, encode, epoch_order, iterate_batches
@@ -35,9 +38,9 @@ from safefreeze.models import add_lora, load_model, load_tokenizer, model_kind, 
 from safefreeze.prefix_cache import CACHE_DTYPES, PrefixCache
 from safefreeze.units import find_blocks, find_units
 
-METHODS = ("lora", "safe", "full")
+METHODS = ("lora", "safe", "full", *BASELINES)
 ADAPTERS = ("lora", *BOTTLENECK_KINDS)
-DEFAULT_LR = {"full": 5e-5, "lora": 1e-3, "safe": 1e-3}
+DEFAULT_LR = {"full": 5e-5, "lora": 1e-3, "safe": 1e-3, **dict.fromkeys(BASELINES, 1e-3)}
 DEFAULT_MAX_LENGTH = {"classification": 64, "causal_lm": 128}
 
 
@@ -63,7 +66,10 @@ class TrainConfig:
     label_column: str = field(default="label", metadata={"help": "--dataset .csv/.jsonl: column holding the label"})
     method: str = field(
         default="safe",
-        metadata={"help": "lora (the adapter alone), safe (adapter + selective freezing) or full fine-tuning"},
+        metadata={
+            "help": "lora (the adapter alone), safe (adapter + selective freezing), full fine-tuning, "
+            "or a freezing baseline: random, adapterdrop, freezeout (see baselines.py)"
+        },
     )
     adapter: str = field(
         default="lora",
@@ -111,6 +117,13 @@ class TrainConfig:
         default=None,
         metadata={"help": "prefix cache: directory of its file (default: the run directory or a temp dir)"},
     )
+    reference: str | None = field(
+        default=None,
+        metadata={"help": "SAFE run directory whose freezing the random and adapterdrop baselines follow"},
+    )
+    drop_blocks: int | None = field(
+        default=None, metadata={"help": "adapterdrop: blocks from the bottom with no trained adapter"}
+    )
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -146,6 +159,8 @@ class TrainConfig:
             raise ConfigError(f"cache_max_gb must be > 0, got {self.cache_max_gb}")
         if self.cache_dtype not in CACHE_DTYPES:
             raise ConfigError(f"cache_dtype must be one of {', '.join(CACHE_DTYPES)}, got {self.cache_dtype!r}")
+        if self.drop_blocks is not None and self.drop_blocks < 0:
+            raise ConfigError(f"drop_blocks must be >= 0, got {self.drop_blocks}")
 
     @property
     def learning_rate(self) -> float:
@@ -182,7 +197,8 @@ def resolve_device(name: str) -> torch.device:
 
 def run_identity(config: TrainConfig, safe: SafeConfig) -> dict:
     """What makes two runs the same run: their configurations (report.json and checkpoints hold it)."""
-    return {"config": asdict(config), "safe_config": safe.to_dict() if config.method == "safe" else None}
+    freezes = config.method == "safe" or config.method in BASELINES
+    return {"config": asdict(config), "safe_config": safe.to_dict() if freezes else None}
 
 
 def prepare(config: TrainConfig):
@@ -207,7 +223,7 @@ def prepare(config: TrainConfig):
         raise ConfigError(f"{config.dataset} has no test examples at max_length {max_length}")
     seed_everything(config.seed)
     model = load_model(source, task.kind, len(task.labels), tokenizer.pad_token_id)
-    if config.method in ("lora", "safe"):
+    if config.method != "full":
         model = add_adapter(model, task.kind, config)
     return task, tokenizer, train_examples, test_examples, model
 
@@ -260,6 +276,8 @@ def train(
         probe.pop("labels")
         freezer_class = SafeFreezer if group.world_size == 1 else partial(distributed.RankConsistentFreezer, group)
         freezer = freezer_class(model, safe, optimizer, probe=probe, total_steps=total_steps)
+    elif config.method in BASELINES:
+        freezer = baseline_freezer(config, safe, model, optimizer, total_steps)
     blocks = find_blocks(model)
     scopes = {f"block.{i}": block for i, block in blocks.items()}
     cache = None
