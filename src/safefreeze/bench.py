@@ -55,18 +55,18 @@ class Preset:
 
 
 PRESETS = {
-    # Under 15 minutes on 2 CPU cores: one seed, short runs, only LoRA and SAFE on the 135 M decoder.
+    # Under 15 minutes on 2 CPU cores: one seed, short runs, no full fine-tuning or FreezeOut on the 135 M decoder.
     "quick": Preset(
         seeds=(0,),
         methods={
             "trec": ALL_METHODS[:5],
             "movies": ALL_METHODS[:5],
-            "hamlet": ("lora", "safe"),
+            "hamlet": ("lora", "safe", "random", "adapterdrop"),
         },
         train={
             "trec": {"max_steps": 60, "batch_size": 16, "flops_every": 20},
             "movies": {"max_steps": 60, "batch_size": 16, "flops_every": 20},
-            "hamlet": {"max_steps": 20, "batch_size": 4, "max_length": 32, "flops_every": 10, "eval_batch_size": 16},
+            "hamlet": {"max_steps": 30, "batch_size": 4, "max_length": 32, "flops_every": 10, "eval_batch_size": 16},
         },
         safe={"score_every": 5},
     ),
