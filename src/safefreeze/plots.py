@@ -73,20 +73,27 @@ def importance_heatmap(report: dict, path: Path) -> Path | None:
     return _save(figure, path)
 
 
-def freeze_timeline(reports: dict[str, dict], path: Path) -> Path:
-    """Frozen units over optimizer steps, one line per run."""
-    figure = Figure(figsize=(6, 3.2))
+def _per_step_axes(reports: dict[str, dict], path: Path, title: str, ylabel: str, draw) -> Path:
+    """One axes over optimizer steps; ``draw(axes, label, report)`` adds one run's lines."""
+    figure = Figure(figsize=(6, 3.4))
     axes = figure.subplots()
     for label, report in reports.items():
-        steps = [s["step"] for s in report["steps"]]
-        axes.step(steps, [s["frozen_units"] for s in report["steps"]], where="post", label=label, color=_colour(label))
-    total = max(r["summary"]["total_units"] for r in reports.values())
-    axes.set_ylim(-0.3, total + 0.3)
-    axes.set_xlabel("optimizer step")
-    axes.set_ylabel(f"frozen units (of {total})")
-    axes.set_title("freeze timeline")
+        draw(axes, label, report)
+    axes.set(xlabel="optimizer step", ylabel=ylabel, title=title)
     axes.legend(fontsize=8)
     return _save(figure, path)
+
+
+def freeze_timeline(reports: dict[str, dict], path: Path) -> Path:
+    """Frozen units over optimizer steps, one line per run."""
+    total = max(r["summary"]["total_units"] for r in reports.values())
+
+    def draw(axes, label: str, report: dict) -> None:
+        steps = [s["step"] for s in report["steps"]]
+        axes.step(steps, [s["frozen_units"] for s in report["steps"]], where="post", label=label, color=_colour(label))
+        axes.set_ylim(-0.3, total + 0.3)
+
+    return _per_step_axes(reports, path, "freeze timeline", f"frozen units (of {total})", draw)
 
 
 def costs_per_step(reports: dict[str, dict], path: Path) -> Path:
@@ -115,17 +122,15 @@ def costs_per_step(reports: dict[str, dict], path: Path) -> Path:
 
 def loss_curves(reports: dict[str, dict], path: Path) -> Path:
     """Training loss per step (thin) and its 10-step moving average (thick), one colour per run."""
-    figure = Figure(figsize=(6, 3.4))
-    axes = figure.subplots()
-    for label, report in reports.items():
+
+    def draw(axes, label: str, report: dict) -> None:
         steps = [s["step"] for s in report["steps"]]
         losses = [s["loss"] for s in report["steps"]]
         smooth = [statistics.fmean(losses[max(0, i - 9) : i + 1]) for i in range(len(losses))]
         axes.plot(steps, losses, color=_colour(label), alpha=0.25, lw=0.8)
         axes.plot(steps, smooth, color=_colour(label), label=label, lw=1.8)
-    axes.set(xlabel="optimizer step", ylabel="training loss", title="training loss")
-    axes.legend(fontsize=8)
-    return _save(figure, path)
+
+    return _per_step_axes(reports, path, "training loss", "training loss", draw)
 
 
 def tradeoff_scatter(table: list[dict], path: Path) -> Path:

@@ -155,7 +155,7 @@ def render_run(report: dict) -> str:
         f"| trainable parameters (end) | {s['trainable_parameters_end']:,} |",
         f"| optimizer state bytes (end) | {s['optimizer_state_bytes_end']:,} |",
     ]
-    if report["units"] and report["method"] == "safe":
+    if report["units"] and report.get("safe_config"):  # SAFE and the freezing baselines
         lines += ["", "## Units", "", "| unit | frozen at step | last importance |", "|---|---|---|"]
         for unit in report["units"]:
             last = unit["scores"][-1][1] if unit["scores"] else None
