@@ -57,7 +57,7 @@ def importance_heatmap(report: dict, path: Path) -> Path | None:
     for row, unit in enumerate(units):
         for step, score in unit["scores"]:
             grid[row][column[int(step)]] = score
-    figure = Figure(figsize=(max(4.0, 0.5 * len(steps) + 2.5), max(2.5, 0.3 * len(units) + 1.5)))
+    figure = Figure(figsize=(max(6.0, 0.5 * len(steps) + 3.0), max(3.0, 0.25 * len(units) + 1.5)))
     axes = figure.subplots()
     image = axes.imshow(grid, aspect="auto", cmap="viridis", vmin=0, vmax=1, origin="lower")
     for row, unit in enumerate(units):
@@ -67,8 +67,8 @@ def importance_heatmap(report: dict, path: Path) -> Path | None:
                 axes.plot(column[step], row, marker="x", color="white", markersize=7, mew=1.5)
     axes.set_xticks(range(len(steps)), [str(s) for s in steps])
     axes.set_yticks(range(len(units)), [u["name"] for u in units])
-    axes.set_xlabel("optimizer step (× = frozen at or before this measurement)")
-    axes.set_title(f"importance 1 − CKA, normalised — {report['model']} / {report['dataset']}")
+    axes.set_xlabel("optimizer step (× = frozen)")
+    axes.set_title(f"importance (1 − CKA, normalised), {report['model']} / {report['dataset']}", fontsize=10)
     figure.colorbar(image, ax=axes, label="importance")
     return _save(figure, path)
 
