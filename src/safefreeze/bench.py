@@ -117,8 +117,10 @@ def plan_cells(preset: Preset, out: Path, tasks: list[str] | None = None) -> lis
     return cells
 
 
-def _settings(config: dict) -> dict:
-    return {k: v for k, v in config.items() if k not in ("reference", "device")}
+def _differing_settings(stored: dict, wanted: dict) -> list[str]:
+    """Settings a finished cell ran with that differ from the bench's (where it was run and
+    options newer than the cell do not count)."""
+    return [k for k in stored.keys() & wanted.keys() - {"reference", "device"} if stored[k] != wanted[k]]
 
 
 def run_cell(cell: Cell, out: Path, progress: bool = True) -> tuple[dict, bool]:
@@ -126,9 +128,11 @@ def run_cell(cell: Cell, out: Path, progress: bool = True) -> tuple[dict, bool]:
     directory = out / cell.run
     if (directory / "report.json").exists():
         report = json.loads((directory / "report.json").read_text())
-        if _settings(report["config"]) != _settings(asdict(cell.config)):
+        differing = _differing_settings(report["config"], asdict(cell.config))
+        if differing:
             raise ConfigError(
-                f"{directory} was run with other settings than this bench; use a fresh --out or delete it"
+                f"{directory} was run with other settings ({', '.join(sorted(differing))}) than this bench; "
+                "use a fresh --out or delete it"
             )
         return report, False
     result = train(cell.config, cell.safe, progress=progress)
