@@ -74,6 +74,17 @@ def test_plan_runs_safe_before_the_baselines_that_follow_it(tmp_path):
         plan_cells(PRESET, tmp_path, ["imdb"])
 
 
+def test_safe_variants_are_safe_runs_with_their_switches(tmp_path):
+    preset = Preset(seeds=(0,), methods={"trec": ("safe+all", "safe-resource", "safe+merge")}, safe={"tau": 0.3})
+    cells = {c.method: c for c in plan_cells(preset, tmp_path)}
+    assert list(cells) == ["safe+merge", "safe+all", "safe-resource"]
+    assert all(c.config.method == "safe" and c.safe.tau == 0.3 for c in cells.values())
+    assert cells["safe+merge"].safe.merge_frozen and not cells["safe+merge"].config.prefix_cache
+    assert cells["safe+all"].config.prefix_cache and cells["safe+all"].safe.merge_frozen
+    assert cells["safe+all"].safe.policy == "resource" and cells["safe-resource"].safe.policy == "resource"
+    assert cells["safe+all"].run == "trec/s0/safe+all"
+
+
 def test_resume_skips_finished_cells(tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(bench, "train", fake_train(calls))

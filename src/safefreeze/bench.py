@@ -33,7 +33,14 @@ TASKS = {
     "movies": {"model": "minilm", "dataset": "movies"},
     "hamlet": {"model": "smollm2", "dataset": "hamlet"},
 }
-ALL_METHODS = ("lora", "safe", "random", "adapterdrop", "freezeout", "full")
+# SAFE with the switches that go beyond the paper (issue 6): bench name -> (TrainConfig, SafeConfig) overrides.
+SAFE_VARIANTS: dict[str, tuple[dict, dict]] = {
+    "safe+merge": ({"method": "safe"}, {"merge_frozen": True}),
+    "safe+cache": ({"method": "safe", "prefix_cache": True}, {}),
+    "safe+all": ({"method": "safe", "prefix_cache": True}, {"merge_frozen": True, "policy": "resource"}),
+    "safe-resource": ({"method": "safe"}, {"policy": "resource"}),
+}
+ALL_METHODS = ("lora", "safe", "random", "adapterdrop", "freezeout", "full", *SAFE_VARIANTS)
 FOLLOWS_SAFE = ("random", "adapterdrop")
 COSTS = (  # summary key, column label
     ("activation_bytes_mean", "act. mem mean"),
@@ -101,7 +108,7 @@ def plan_cells(preset: Preset, out: Path, tasks: list[str] | None = None) -> lis
     cells = []
     for task in tasks:
         methods = sorted(preset.methods[task], key=ALL_METHODS.index)
-        bad = [m for m in methods if m not in METHODS]
+        bad = [m for m in methods if m not in METHODS and m not in SAFE_VARIANTS]
         if bad:
             raise ConfigError(f"unknown method(s) {', '.join(bad)} in the bench preset")
         for seed in preset.seeds:
@@ -110,10 +117,12 @@ def plan_cells(preset: Preset, out: Path, tasks: list[str] | None = None) -> lis
                 if method in FOLLOWS_SAFE and "safe" not in methods:
                     raise ConfigError(f"bench method {method} follows SAFE's freezing; add safe to the grid")
                 reference = str(out / base / "safe") if method in FOLLOWS_SAFE else None
+                train_extra, safe_extra = SAFE_VARIANTS.get(method, ({"method": method}, {}))
                 config = TrainConfig(
-                    **TASKS[task], **preset.train.get(task, {}), method=method, seed=seed, reference=reference
+                    **TASKS[task], **preset.train.get(task, {}), **train_extra, seed=seed, reference=reference
                 )
-                cells.append(Cell(task, method, seed, config, SafeConfig(**preset.safe, seed=seed), f"{base}/{method}"))
+                safe = SafeConfig(**{**preset.safe, **safe_extra}, seed=seed)
+                cells.append(Cell(task, method, seed, config, safe, f"{base}/{method}"))
     return cells
 
 
