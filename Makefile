@@ -18,7 +18,8 @@ $(VENV)/.installed: pyproject.toml Makefile
 	touch $@
 
 lint: install
-	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff check src tests bench examples
+	$(BIN)/ruff format --check src tests bench examples
 
 test: install lint
 	$(BIN)/pytest -q

@@ -25,6 +25,7 @@ RESULTS = Path(__file__).parent / "results"
 SETTINGS: dict[str, tuple[str, dict]] = {
     "lora": ("lora", {}),
     "tau0.5-w0.3": ("safe", {"tau": 0.5, "warmup_ratio": 0.3}),
+    "tau0.05-w0.3-ema0.7": ("safe", {"tau": 0.05, "warmup_ratio": 0.3, "smoothing": 0.7}),
     "tau0.1-w0.3-ema0.7": ("safe", {"tau": 0.1, "warmup_ratio": 0.3, "smoothing": 0.7}),
     "tau0.2-w0.3-ema0.7": ("safe", {"tau": 0.2, "warmup_ratio": 0.3, "smoothing": 0.7}),
 }
