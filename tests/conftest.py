@@ -112,7 +112,8 @@ def cli_until():
 def quick_train(no_eval):
     """``quick_train(method, safe=None, **overrides)``: a 6-step MiniLM/TREC run through the real loop.
 
-    Batches of 4, SAFE warm-up of 4 steps scored every 2; no held-out scoring (``no_eval``:
+    Batches of 4, SAFE warm-up of 4 steps scored every 2 with τ = 0.5 and no smoothing (so
+    these few steps freeze something, whatever the defaults); no held-out scoring (``no_eval``:
     these tests look at freezing and files, not at scores).
     """
     from safefreeze import train as train_module
@@ -122,7 +123,7 @@ def quick_train(no_eval):
         config = train_module.TrainConfig(
             method=method, **{"max_steps": 6, "batch_size": 4, "flops_every": 3, **overrides}
         )
-        safe = safe or SafeConfig(warmup_steps=4, score_every=2, seed=config.seed)
+        safe = safe or SafeConfig(tau=0.5, smoothing=0.0, warmup_steps=4, score_every=2, seed=config.seed)
         return train_module.train(config, safe, progress=False)
 
     return run

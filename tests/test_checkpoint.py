@@ -107,7 +107,7 @@ def test_a_killed_run_resumes_bit_exactly(tmp_path, no_eval, cli_until):
 
 
 def test_resume_refuses_a_changed_configuration(tmp_path, capsys):
-    identity = run_identity(TrainConfig(lr=1e-3), SafeConfig())
+    identity = run_identity(TrainConfig(lr=1e-3), SafeConfig(tau=0.5))
     checkpoint.save(tmp_path / "checkpoints", {"format": checkpoint.FORMAT, "step": 3, "identity": identity}, keep=1)
     assert cli.main(["train", "--resume", str(tmp_path), "--lr", "0.01", "--tau", "0.5"]) == 2
     assert capsys.readouterr().err == (

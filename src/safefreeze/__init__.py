@@ -1,11 +1,11 @@
 """safefreeze: SAFE, selective adapter freezing for memory- and compute-efficient fine-tuning.
 
 from safefreeze import SafeConfig, SafeFreezer
-freezer = SafeFreezer(peft_model, SafeConfig(tau=0.5), optimizer, probe=batch, total_steps=n)
+freezer = SafeFreezer(peft_model, SafeConfig(tau=0.1), optimizer, probe=batch, total_steps=n)
 ...
 loss.backward(); optimizer.step(); freezer.step(global_step)
 
-or, in a transformers Trainer: ``Trainer(..., callbacks=[SafeCallback(SafeConfig(tau=0.5))])``.
+or, in a transformers Trainer: ``Trainer(..., callbacks=[SafeCallback(SafeConfig(tau=0.1))])``.
 """
 
 from safefreeze.cka import linear_cka

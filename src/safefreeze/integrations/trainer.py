@@ -1,7 +1,7 @@
 """``SafeCallback``: SAFE inside a transformers ``Trainer``, added with one line.
 
     trainer = Trainer(model=peft_model, args=args, train_dataset=train, data_collator=collator,
-                      callbacks=[SafeCallback(SafeConfig(tau=0.5))])
+                      callbacks=[SafeCallback(SafeConfig(tau=0.1))])
 
 ``on_train_begin`` builds a ``SafeFreezer`` (the same component the reference loop uses)
 with the Trainer's optimizer, so freezing releases AdamW state there; a probe of
