@@ -134,6 +134,10 @@ def write_section(text: str) -> None:
     BENCHMARKS.write_text(updated.rstrip("\n") + "\n")
 
 
+def _subset(count: int) -> str:
+    return f"the first {count}" if count else "all"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="minilm")
@@ -168,8 +172,8 @@ def main() -> None:
     )
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     text = (
-        f"{args.model} / {args.dataset}, first {args.train_examples or 'all'} training and "
-        f"{args.eval_examples or 'all'} held-out examples, {args.epochs:g} epochs, batch {args.batch_size}, "
+        f"{args.model} / {args.dataset}, {_subset(args.train_examples)} training and "
+        f"{_subset(args.eval_examples)} held-out examples, {args.epochs:g} epochs, batch {args.batch_size}, "
         f"seeds {args.seeds}, {platform.machine()} CPU ×{torch.get_num_threads()} "
         f"threads (load average {load:.1f} at the end: the machine is shared, seconds are noisy).\n"
         f"Command: `{command}`\n\n" + table(runs, names, args.seeds)
