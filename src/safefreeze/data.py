@@ -40,10 +40,6 @@ class TaskData:
     test: list = field(default_factory=list)
     labels: list[str] = field(default_factory=list)
 
-    @property
-    def primary_metric(self) -> str:
-        return "accuracy" if self.kind == "classification" else "perplexity"
-
 
 def package_file(package: str, relative: str) -> Path:
     """Path of a file shipped inside an installed package, found without importing it."""
