@@ -117,6 +117,19 @@ def test_resume_skips_finished_cells(tmp_path, monkeypatch):
     assert "| trec (minilm) | safe | accuracy 0.6000 ± 0.0707 (n=2) | 3.0 / 6 | 0.500× |" in markdown
 
 
+def test_seed_subsets_split_the_grid_and_a_full_call_joins_them(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(bench, "train", fake_train(calls))
+    run_bench("test", tmp_path, preset=PRESET, seeds=[1], log=lambda line: None)
+    assert calls == [("lora", 1), ("safe", 1), ("random", 1)]
+    assert len(json.loads((tmp_path / "results.json").read_text())["cells"]) == 3
+    run_bench("test", tmp_path, preset=PRESET, seeds=[0], log=lambda line: None)
+    calls.clear()
+    run_bench("test", tmp_path, preset=PRESET, log=lambda line: None)
+    assert calls == []  # every cell was run by one of the pieces
+    assert len(json.loads((tmp_path / "results.json").read_text())["cells"]) == 6
+
+
 def test_resume_refuses_cells_run_with_other_settings(tmp_path, monkeypatch):
     monkeypatch.setattr(bench, "train", fake_train([]))
     run_bench("test", tmp_path, preset=PRESET, log=lambda line: None)

@@ -18,7 +18,7 @@ import json
 import statistics
 import sys
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -252,14 +252,20 @@ def run_bench(
     command: str = "safefreeze bench",
     log: Callable[[str], None] = lambda line: print(line, file=sys.stderr),
     preset: Preset | None = None,
+    seeds: list[int] | None = None,
 ) -> list[dict]:
     """Run (or resume) a preset's grid into ``out`` and write the results; returns the aggregate table.
 
-    ``preset`` overrides the named one (the name is still written into the results).
+    ``preset`` overrides the named one (the name is still written into the results). ``seeds``
+    runs only those seeds, so a long grid can be split across processes or sessions; a last
+    call with every seed then finds each cell done and writes the whole table.
     """
     if preset is None and preset_name not in PRESETS:
         raise ConfigError(f"unknown bench preset {preset_name!r}; choose one of {', '.join(PRESETS)}")
-    cells = plan_cells(preset or PRESETS[preset_name], Path(out), tasks)
+    preset = preset or PRESETS[preset_name]
+    if seeds is not None:
+        preset = replace(preset, seeds=tuple(seeds))
+    cells = plan_cells(preset, Path(out), tasks)
     rows = []
     for i, cell in enumerate(cells, 1):
         report, ran = run_cell(cell, Path(out), progress)

@@ -60,6 +60,13 @@ def _from_args(cls, args: argparse.Namespace, **extra):
     return cls(**{**given, **extra})
 
 
+def _seed_list(text: str) -> list[int]:
+    try:
+        return [int(seed) for seed in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="safefreeze", description="Selective adapter freezing (SAFE) for fine-tuning language models."
@@ -97,6 +104,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--quick", action="store_true", help="the quick preset (under 15 min on 2 CPU cores)")
     bench.add_argument("--out", type=Path, default=None, help="bench directory (default: bench/results/<preset>)")
     bench.add_argument("--tasks", default=None, help="comma-separated subset of trec, movies, hamlet")
+    bench.add_argument(
+        "--seeds",
+        type=_seed_list,
+        default=None,
+        help="comma-separated subset of the preset's seeds, to split a long grid into pieces",
+    )
     bench.add_argument("--quiet", action="store_true", help="no progress bars")
     plot = commands.add_parser("plot", help="draw PNG plots of a run, compare or bench directory into it")
     plot.add_argument("directory", type=Path)
@@ -274,8 +287,12 @@ def command_bench(args: argparse.Namespace) -> None:
     preset = "quick" if args.quick else "full"
     out = args.out or Path("bench") / "results" / preset
     tasks = args.tasks.split(",") if args.tasks else None
-    command = "safefreeze bench" + (" --quick" if args.quick else "") + (f" --tasks {args.tasks}" if args.tasks else "")
-    run_bench(preset, out, tasks, progress=not args.quiet, command=command)
+    command = " ".join(
+        ["safefreeze bench", *(["--quick"] if args.quick else [])]
+        + ([f"--tasks {args.tasks}"] if args.tasks else [])
+        + ([f"--seeds {','.join(map(str, args.seeds))}"] if args.seeds else [])
+    )
+    run_bench(preset, out, tasks, progress=not args.quiet, command=command, seeds=args.seeds)
     plot(out)
     print((out / "results.md").read_text().split(f"\n{PLOTS_HEADING}")[0])
     print(f"wrote {out}/results.json, results.csv, results.md and the plots")
