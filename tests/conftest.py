@@ -127,3 +127,16 @@ def quick_train(no_eval):
         return train_module.train(config, safe, progress=False)
 
     return run
+
+
+@pytest.fixture
+def tiny_llama():
+    """``tiny_llama(**config)``: a seeded random Llama (hidden 32, 4 heads) for decoder tests that need no weights."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    def make(**config):
+        torch.manual_seed(0)
+        defaults = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 4}
+        return LlamaForCausalLM(LlamaConfig(**{**defaults, **config}))
+
+    return make

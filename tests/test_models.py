@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from safefreeze.cli import main
 from safefreeze.config import ConfigError
@@ -37,20 +35,11 @@ def test_unknown_target_module_is_a_config_error(minilm_source):
         add_lora(model, "classification", 4, 8, 0.0, ["q_proj"])
 
 
-def test_local_decoder_directory_trains_on_text_file(minilm_source, tmp_path, capsys):
+def test_local_decoder_directory_trains_on_text_file(minilm_source, tiny_llama, tmp_path, capsys):
     """A tiny Llama saved beside a tokenizer is 'any local HF model directory'; a .txt file is causal-LM data."""
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=30522,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=64,
-    )
+    model = tiny_llama(vocab_size=30522, num_hidden_layers=2, num_key_value_heads=4, max_position_embeddings=64)
     model_dir = tmp_path / "tiny-llama"
-    LlamaForCausalLM(config).save_pretrained(model_dir)
+    model.save_pretrained(model_dir)
     for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
         if (minilm_source.directory / name).exists():
             (model_dir / name).write_bytes((minilm_source.directory / name).read_bytes())

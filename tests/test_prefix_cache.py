@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from safefreeze.config import ConfigError
 from safefreeze.data import Collator
@@ -38,21 +37,12 @@ def _pad_right(examples: list[dict]) -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture(params=["bert", "llama"])
-def setup(request, lora_minilm, trec_examples, minilm_tokenizer):
+def setup(request, lora_minilm, tiny_llama, trec_examples, minilm_tokenizer):
     """(model with LoRA, 12 examples of varying length, collate) for a BERT and a tiny random Llama."""
     if request.param == "bert":
         return lora_minilm(), trec_examples[:12], Collator(minilm_tokenizer, "classification")
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=64,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        pad_token_id=0,
-    )
-    model = add_lora(LlamaForCausalLM(config), "causal_lm", 4, 8.0, 0.0)
+    llama = tiny_llama(vocab_size=64, num_hidden_layers=4, num_key_value_heads=2, pad_token_id=0)
+    model = add_lora(llama, "causal_lm", 4, 8.0, 0.0)
     generator = torch.Generator().manual_seed(0)
     examples = [{"input_ids": torch.randint(1, 64, (n,), generator=generator).tolist()} for n in range(3, 15)]
     return model.train(), examples, _pad_right
