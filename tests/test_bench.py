@@ -8,7 +8,7 @@ import json
 import pytest
 
 from safefreeze import bench
-from safefreeze.bench import Preset, aggregate, plan_cells, run_bench
+from safefreeze.bench import Preset, aggregate, plan_cells, render_table, run_bench
 from safefreeze.config import ConfigError
 from safefreeze.train import RunResult
 
@@ -160,4 +160,7 @@ def test_aggregate_ratios_are_to_lora_of_the_same_task():
     lora, safe = aggregate(rows)
     assert lora["score_mean"] == pytest.approx(0.7) and lora["score_std"] == pytest.approx(0.1414213562)
     assert safe["activation_bytes_mean_vs_lora"] == pytest.approx(0.25)
+    assert safe["score_std"] is None and "| t (m) | safe | accuracy 0.7000 (n=1) | 0.0 / 6 | 0.250× |" in render_table(
+        [lora, safe]
+    )
     assert safe["flops_per_step_mean_vs_lora"] is None and lora["activation_bytes_peak_vs_lora"] == 1.0

@@ -195,7 +195,7 @@ def aggregate(rows: list[dict]) -> list[dict]:
                 "metric": cells[0]["metric"],
                 "seeds": len(cells),
                 "score_mean": statistics.fmean(scores),
-                "score_std": statistics.stdev(scores) if len(scores) > 1 else 0.0,
+                "score_std": statistics.stdev(scores) if len(scores) > 1 else None,  # no spread from one seed
                 "frozen_units_mean": statistics.fmean(row["frozen_units"] for row in cells),
                 "total_units": cells[0]["total_units"],
             }
@@ -204,6 +204,12 @@ def aggregate(rows: list[dict]) -> list[dict]:
                 entry[f"{key}_vs_lora"] = mine / base if mine is not None and base else None
             table.append(entry)
     return table
+
+
+def _mean_and_spread(entry: dict) -> str:
+    if entry["score_std"] is None:
+        return f"{entry['score_mean']:.4f}"
+    return f"{entry['score_mean']:.4f} ± {entry['score_std']:.4f}"
 
 
 def render_table(table: list[dict]) -> str:
@@ -218,7 +224,7 @@ def render_table(table: list[dict]) -> str:
                 [
                     f"{entry['task']} ({entry['model']})",
                     entry["method"],
-                    f"{entry['metric']} {entry['score_mean']:.4f} ± {entry['score_std']:.4f} (n={entry['seeds']})",
+                    f"{entry['metric']} {_mean_and_spread(entry)} (n={entry['seeds']})",
                     f"{entry['frozen_units_mean']:.1f} / {entry['total_units']}",
                     *["n/a" if r is None else f"{r:.3f}×" for r in ratios],
                 ]
