@@ -130,6 +130,18 @@ def test_seed_subsets_split_the_grid_and_a_full_call_joins_them(tmp_path, monkey
     assert len(json.loads((tmp_path / "results.json").read_text())["cells"]) == 6
 
 
+def test_method_subsets_split_the_grid(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(bench, "train", fake_train(calls))
+    run_bench("test", tmp_path, preset=PRESET, methods=["lora", "safe"], log=lambda line: None)
+    assert calls == [("lora", 0), ("safe", 0), ("lora", 1), ("safe", 1)]
+    calls.clear()
+    run_bench("test", tmp_path, preset=PRESET, methods=["random"], log=lambda line: None)
+    assert calls == [("random", 0), ("random", 1)]
+    with pytest.raises(ConfigError, match="unknown bench method.*lorax"):
+        run_bench("test", tmp_path, preset=PRESET, methods=["lorax"], log=lambda line: None)
+
+
 def test_resume_refuses_cells_run_with_other_settings(tmp_path, monkeypatch):
     monkeypatch.setattr(bench, "train", fake_train([]))
     run_bench("test", tmp_path, preset=PRESET, log=lambda line: None)

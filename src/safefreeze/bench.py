@@ -261,12 +261,14 @@ def run_bench(
     log: Callable[[str], None] = lambda line: print(line, file=sys.stderr),
     preset: Preset | None = None,
     seeds: list[int] | None = None,
+    methods: list[str] | None = None,
 ) -> list[dict]:
     """Run (or resume) a preset's grid into ``out`` and write the results; returns the aggregate table.
 
     ``preset`` overrides the named one (the name is still written into the results). ``seeds``
-    runs only those seeds, so a long grid can be split across processes or sessions; a last
-    call with every seed then finds each cell done and writes the whole table.
+    and ``methods`` run only those cells, so a long grid can be split across processes or
+    sessions (``random`` and ``adapterdrop`` need their ``safe`` cell done first); a last call
+    with neither then finds each cell done and writes the whole table.
     """
     if preset is None and preset_name not in PRESETS:
         raise ConfigError(f"unknown bench preset {preset_name!r}; choose one of {', '.join(PRESETS)}")
@@ -274,6 +276,11 @@ def run_bench(
     if seeds is not None:
         preset = replace(preset, seeds=tuple(seeds))
     cells = plan_cells(preset, Path(out), tasks)
+    if methods is not None:
+        unknown = sorted(set(methods) - set(ALL_METHODS))
+        if unknown:
+            raise ConfigError(f"unknown bench method(s) {', '.join(unknown)}; choose from {', '.join(ALL_METHODS)}")
+        cells = [cell for cell in cells if cell.method in methods]
     rows = []
     for i, cell in enumerate(cells, 1):
         report, ran = run_cell(cell, Path(out), progress)

@@ -110,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="comma-separated subset of the preset's seeds, to split a long grid into pieces",
     )
+    bench.add_argument(
+        "--methods", default=None, help="comma-separated subset of the methods, to split a long grid into pieces"
+    )
     bench.add_argument("--quiet", action="store_true", help="no progress bars")
     plot = commands.add_parser("plot", help="draw PNG plots of a run, compare or bench directory into it")
     plot.add_argument("directory", type=Path)
@@ -291,8 +294,10 @@ def command_bench(args: argparse.Namespace) -> None:
         ["safefreeze bench", *(["--quick"] if args.quick else [])]
         + ([f"--tasks {args.tasks}"] if args.tasks else [])
         + ([f"--seeds {','.join(map(str, args.seeds))}"] if args.seeds else [])
+        + ([f"--methods {args.methods}"] if args.methods else [])
     )
-    run_bench(preset, out, tasks, progress=not args.quiet, command=command, seeds=args.seeds)
+    methods = args.methods.split(",") if args.methods else None
+    run_bench(preset, out, tasks, progress=not args.quiet, command=command, seeds=args.seeds, methods=methods)
     plot(out)
     print((out / "results.md").read_text().split(f"\n{PLOTS_HEADING}")[0])
     print(f"wrote {out}/results.json, results.csv, results.md and the plots")
