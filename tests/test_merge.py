@@ -135,3 +135,16 @@ def test_training_with_merge_and_prefix_cache_keeps_frozen_adapters_bit_for_bit(
     for name, tensor in adapters[0].items():
         frozen = any(f".layer.{unit.split('.')[1]}." in name for unit in first)
         assert torch.equal(tensor, adapters[1][name]) == frozen, name
+
+
+def test_prefix_cache_misses_count_their_flops(monkeypatch):
+    """Without a hit (one pass over the data) the cache only moves the prefix's forward, so every
+    step costs what plain SAFE's does: the miss's prefix forward is counted, not lost."""
+    monkeypatch.setattr(train_module, "evaluate", lambda *args, **kwargs: {"accuracy": 0.0})
+    common = dict(max_steps=4, batch_size=8, lora_dropout=0.0, flops_every=1)
+    safe = SafeConfig(importance="random", tau=1.0, warmup_steps=2, score_every=1)
+    plain = train(TrainConfig(**common), safe, progress=False)
+    cached = train(TrainConfig(**common, prefix_cache=True, cache_dtype="float32"), safe, progress=False)
+    assert cached.report["summary"]["prefix_cache"]["hits"] == 0
+    assert cached.report["summary"]["prefix_cache"]["misses"] == 3 * 8
+    assert [s["flops"] for s in cached.report["steps"]] == [s["flops"] for s in plain.report["steps"]]

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 
 @dataclass
@@ -87,12 +87,29 @@ class _NoFlopCount(contextlib.nullcontext):
         return None
 
 
+def _cpu_attention_flops(query, key, value, *args, out_val=None, **kwargs) -> int:
+    return sdpa_flop_count(query, key, value)
+
+
+def _cpu_attention_backward_flops(grad_out, query, key, value, *args, out_val=None, **kwargs) -> int:
+    return sdpa_backward_flop_count(grad_out, query, key, value)
+
+
+# PyTorch's counter knows the CUDA attention kernels, not the CPU flash kernel that SDPA runs
+# whenever there is no attention dropout (eval mode, Llama training): without these, that
+# attention would cost nothing while the same attention with dropout (the math path) counts.
+CPU_ATTENTION_FLOPS = {
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flops,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_attention_backward_flops,
+}
+
+
 def flop_counter(enabled: bool = True) -> FlopCounterMode | _NoFlopCount:
     """A context that counts the FLOPs run inside it (``get_total_flops()``), or ``None`` when disabled.
 
     Counting slows the step down, so loops sample it rather than count every step.
     """
-    return FlopCounterMode(display=False) if enabled else _NoFlopCount()
+    return FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS) if enabled else _NoFlopCount()
 
 
 def synchronize(device: torch.device) -> None:

@@ -321,10 +321,11 @@ def train(
                 step_start = accounting.now(device)
                 counter = accounting.flop_counter(sample_flops)
                 indices = order[first : first + local_batch_size]
-                prefix = cache.feeding(freezer.frozen_prefix(), indices, batch) if cache else nullcontext()
-                with accounting.record_saved_tensors(model, scopes) as saved, counter, prefix:
-                    loss = replica(**batch).loss
-                    loss.backward()
+                with accounting.record_saved_tensors(model, scopes) as saved, counter:
+                    # Inside the counter: a cache miss runs the frozen prefix here, and that is this step's work.
+                    with cache.feeding(freezer.frozen_prefix(), indices, batch) if cache else nullcontext():
+                        loss = replica(**batch).loss
+                        loss.backward()
                 flops = counter.get_total_flops()
                 loss_value, stop = group.agree(loss, stop_requested.is_set())
                 faults.check_loss(loss_value, step, checkpoints.last)
