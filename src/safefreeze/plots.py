@@ -33,6 +33,10 @@ _COLOURS = {
     "adapterdrop": "tab:green",
     "freezeout": "tab:purple",
     "full": "tab:brown",
+    "safe+merge": "tab:orange",
+    "safe+cache": "tab:pink",
+    "safe+all": "tab:olive",
+    "safe-resource": "tab:cyan",
 }
 
 
@@ -41,7 +45,8 @@ def _colour(method: str) -> str | None:
 
 
 def _save(figure: Figure, path: Path) -> Path:
-    figure.tight_layout()
+    if figure.get_layout_engine() is None:  # a figure with an outside legend lays itself out
+        figure.tight_layout()
     figure.savefig(path, dpi=110)
     return path
 
@@ -136,20 +141,25 @@ def loss_curves(reports: dict[str, dict], path: Path) -> Path:
 def tradeoff_scatter(table: list[dict], path: Path) -> Path:
     """Per task: score (mean ± std over seeds) against mean activation memory relative to LoRA."""
     tasks = list(dict.fromkeys(entry["task"] for entry in table))
-    figure = Figure(figsize=(4.2 * len(tasks), 3.6))
+    figure = Figure(figsize=(4.2 * len(tasks) + 1.6, 3.6), layout="constrained")
     panels = figure.subplots(1, len(tasks), squeeze=False)[0]
     for axes, task in zip(panels, tasks, strict=True):
         for entry in (e for e in table if e["task"] == task):
             x = entry["activation_bytes_mean_vs_lora"]
             if x is None:
                 continue
+            method = entry["method"]
             axes.errorbar(
-                x, entry["score_mean"], yerr=entry["score_std"], fmt="o", color=_colour(entry["method"]), capsize=3
+                x, entry["score_mean"], yerr=entry["score_std"], fmt="o", color=_colour(method), capsize=3, label=method
             )
-            axes.annotate(entry["method"], (x, entry["score_mean"]), textcoords="offset points", xytext=(5, 4))
         first = next(e for e in table if e["task"] == task)
         axes.set(xlabel="mean activation memory / LoRA's", ylabel=first["metric"], title=f"{task} ({first['model']})")
         axes.axvline(1.0, color="lightgray", lw=0.8, zorder=0)
+    # One legend beside the panels, not a label per point: SAFE's variants sit on top of each other.
+    handles = {}
+    for axes in panels:
+        handles.update(zip(*reversed(axes.get_legend_handles_labels()), strict=True))
+    figure.legend(handles.values(), handles.keys(), loc="outside right center", fontsize="small")
     return _save(figure, path)
 
 
