@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import pytest
 
 from safefreeze import bench
 from safefreeze.bench import Preset, aggregate, plan_cells, render_table, run_bench
 from safefreeze.config import ConfigError
-from safefreeze.train import RunResult
+from safefreeze.train import METHODS, RunResult
 
 PRESET = Preset(
     seeds=(0, 1),
@@ -176,3 +177,10 @@ def test_aggregate_ratios_are_to_lora_of_the_same_task():
         [lora, safe]
     )
     assert safe["flops_per_step_mean_vs_lora"] is None and lora["activation_bytes_peak_vs_lora"] == 1.0
+
+
+def test_unknown_methods_in_a_preset_are_named():
+    assert set(bench.ALL_METHODS) == {*METHODS, *bench.SAFE_VARIANTS}
+    preset = Preset(seeds=(0,), methods={"trec": ("lora", "lorax")})
+    with pytest.raises(ConfigError, match="unknown bench method.*lorax in the bench preset's trec"):
+        plan_cells(preset, Path("unused"))

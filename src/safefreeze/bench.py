@@ -26,7 +26,7 @@ from peft import PeftModel
 
 from safefreeze.config import ConfigError, SafeConfig
 from safefreeze.report import primary_score, write_run
-from safefreeze.train import METHODS, TrainConfig, train
+from safefreeze.train import TrainConfig, train
 
 TASKS = {
     "trec": {"model": "minilm", "dataset": "trec"},
@@ -104,6 +104,12 @@ class Cell:
     run: str  # the cell's directory relative to the bench directory
 
 
+def _check_methods(methods: tuple[str, ...] | list[str], where: str = "") -> None:
+    unknown = sorted(set(methods) - set(ALL_METHODS))
+    if unknown:
+        raise ConfigError(f"unknown bench method(s) {', '.join(unknown)}{where}; choose from {', '.join(ALL_METHODS)}")
+
+
 def plan_cells(preset: Preset, out: Path, tasks: list[str] | None = None) -> list[Cell]:
     """The grid's runs in the order they must run (a task's ``safe`` before the baselines that follow it)."""
     tasks = tasks or list(preset.methods)
@@ -112,10 +118,8 @@ def plan_cells(preset: Preset, out: Path, tasks: list[str] | None = None) -> lis
         raise ConfigError(f"unknown bench task(s) {', '.join(unknown)}; choose from {', '.join(preset.methods)}")
     cells = []
     for task in tasks:
+        _check_methods(preset.methods[task], where=f" in the bench preset's {task}")
         methods = sorted(preset.methods[task], key=ALL_METHODS.index)
-        bad = [m for m in methods if m not in METHODS and m not in SAFE_VARIANTS]
-        if bad:
-            raise ConfigError(f"unknown method(s) {', '.join(bad)} in the bench preset")
         for seed in preset.seeds:
             base = f"{task}/s{seed}"
             for method in methods:
@@ -277,9 +281,7 @@ def run_bench(
         preset = replace(preset, seeds=tuple(seeds))
     cells = plan_cells(preset, Path(out), tasks)
     if methods is not None:
-        unknown = sorted(set(methods) - set(ALL_METHODS))
-        if unknown:
-            raise ConfigError(f"unknown bench method(s) {', '.join(unknown)}; choose from {', '.join(ALL_METHODS)}")
+        _check_methods(methods)
         cells = [cell for cell in cells if cell.method in methods]
     rows = []
     for i, cell in enumerate(cells, 1):
