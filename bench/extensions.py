@@ -1,7 +1,7 @@
 """Beyond the paper, measured: merge on freeze, frozen-prefix cache and the resource policy, side by side.
 
 Trains lora, safe, safe+merge, safe+cache, safe+all and safe-resource with the same seed and
-data (``safefreeze.train.train``), then writes one table into BENCHMARKS.md under
+data (``safefreeze.training.train.train``), then writes one table into BENCHMARKS.md under
 "## Beyond the paper: merge, cache, resource policy" (replacing that section): score,
 and per-step activation memory, FLOPs, seconds and total train seconds as ratios to LoRA
 and to plain SAFE of the same seed. Ratios are means over seeds. Each run's full report is
@@ -27,9 +27,9 @@ from pathlib import Path
 
 import torch
 
-from safefreeze.bench import SAFE_VARIANTS
-from safefreeze.config import SafeConfig
-from safefreeze.train import TrainConfig, train
+from safefreeze.analysis.bench import SAFE_VARIANTS
+from safefreeze.core.config import SafeConfig
+from safefreeze.training.train import TrainConfig, train
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "BENCHMARKS.md"
 RESULTS = Path(__file__).resolve().parent / "results" / "extensions"

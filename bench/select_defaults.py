@@ -16,8 +16,8 @@ import json
 import statistics
 from pathlib import Path
 
-from safefreeze.config import SafeConfig
-from safefreeze.train import TrainConfig, train
+from safefreeze.core.config import SafeConfig
+from safefreeze.training.train import TrainConfig, train
 
 RESULTS = Path(__file__).parent / "results"
 

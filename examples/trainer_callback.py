@@ -29,9 +29,9 @@ from transformers import (  # noqa: E402
 )
 
 from safefreeze import SafeCallback, SafeConfig  # noqa: E402
-from safefreeze.data import load_task  # noqa: E402
-from safefreeze.models import resolve_model  # noqa: E402
-from safefreeze.state import write_state  # noqa: E402
+from safefreeze.core.state import write_state  # noqa: E402
+from safefreeze.training.data import load_task  # noqa: E402
+from safefreeze.training.models import resolve_model  # noqa: E402
 
 
 def main() -> None:

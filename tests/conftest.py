@@ -14,8 +14,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
-from safefreeze.data import Collator, encode, load_task  # noqa: E402
-from safefreeze.models import add_lora, load_model, load_tokenizer, resolve_model  # noqa: E402
+from safefreeze.training.data import Collator, encode, load_task  # noqa: E402
+from safefreeze.training.models import add_lora, load_model, load_tokenizer, resolve_model  # noqa: E402
 
 transformers.logging.set_verbosity_error()
 # One thread: on a shared 2-core machine two OpenMP threads per process oversubscribe the cores
@@ -73,7 +73,7 @@ def lora_minilm(minilm_source, trec_task):
 @pytest.fixture
 def no_eval(monkeypatch):
     """Skip held-out scoring in ``train``: tests of the training loop do not need it and it costs the most."""
-    monkeypatch.setattr("safefreeze.train.evaluate", lambda *args, **kwargs: {"accuracy": 0.0})
+    monkeypatch.setattr("safefreeze.training.train.evaluate", lambda *args, **kwargs: {"accuracy": 0.0})
 
 
 @pytest.fixture
@@ -116,8 +116,8 @@ def quick_train(no_eval):
     these few steps freeze something, whatever the defaults); no held-out scoring (``no_eval``:
     these tests look at freezing and files, not at scores).
     """
-    from safefreeze import train as train_module
-    from safefreeze.config import SafeConfig
+    from safefreeze.core.config import SafeConfig
+    from safefreeze.training import train as train_module
 
     def run(method: str, safe: SafeConfig | None = None, **overrides):
         config = train_module.TrainConfig(

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from safefreeze.cli import _configs, build_parser, main
-from safefreeze.config import ConfigError, SafeConfig
-from safefreeze.train import TrainConfig
+from safefreeze.core.config import ConfigError, SafeConfig
+from safefreeze.training.train import TrainConfig
 
 YAML = """\
 tau: 0.7

@@ -6,14 +6,19 @@ freezer = SafeFreezer(peft_model, SafeConfig(tau=0.1), optimizer, probe=batch, t
 loss.backward(); optimizer.step(); freezer.step(global_step)
 
 or, in a transformers Trainer: ``Trainer(..., callbacks=[SafeCallback(SafeConfig(tau=0.1))])``.
+
+The algorithm (``safefreeze.core``) is imported here; the Trainer integration, which pulls in
+transformers' training machinery, is imported on first use of ``SafeCallback`` or
+``untangle_checkpointing``.
 """
 
-from safefreeze.cka import linear_cka
-from safefreeze.config import ConfigError, SafeConfig
-from safefreeze.freezer import SafeFreezer
-from safefreeze.integrations.trainer import SafeCallback, untangle_checkpointing
-from safefreeze.schedule import threshold
-from safefreeze.units import AdapterUnit, find_units
+from safefreeze.core.cka import linear_cka
+from safefreeze.core.config import ConfigError, SafeConfig
+from safefreeze.core.freezer import SafeFreezer
+from safefreeze.core.schedule import threshold
+from safefreeze.core.units import AdapterUnit, find_units
+
+_INTEGRATIONS = {"SafeCallback", "untangle_checkpointing"}
 
 __all__ = [
     "AdapterUnit",
@@ -27,3 +32,11 @@ __all__ = [
     "untangle_checkpointing",
 ]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    if name in _INTEGRATIONS:
+        from safefreeze.integrations import trainer
+
+        return getattr(trainer, name)
+    raise AttributeError(f"module 'safefreeze' has no attribute {name!r}")

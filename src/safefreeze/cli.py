@@ -24,10 +24,10 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # bundled and local models only: never reach for a hub
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from safefreeze import checkpoint, distributed  # noqa: E402
-from safefreeze.config import ConfigError, SafeConfig  # noqa: E402
-from safefreeze.faults import TrainingHalted  # noqa: E402
-from safefreeze.train import TrainConfig, run_identity  # noqa: E402
+from safefreeze.core.config import ConfigError, SafeConfig  # noqa: E402
+from safefreeze.training import checkpoint, distributed  # noqa: E402
+from safefreeze.training.faults import TrainingHalted  # noqa: E402
+from safefreeze.training.train import TrainConfig, run_identity  # noqa: E402
 
 _SAFE_FLAGS_SKIPPED = {"seed"}  # SAFE's seed follows --seed
 
@@ -210,8 +210,8 @@ def _placed(config: TrainConfig, out: Path) -> TrainConfig:
 
 
 def _run(config: TrainConfig, safe: SafeConfig, out: Path, quiet: bool, checkpoints=None) -> dict:
-    from safefreeze.report import write_run
-    from safefreeze.train import train
+    from safefreeze.analysis.report import write_run
+    from safefreeze.training.train import train
 
     result = train(_placed(config, out), safe, progress=not quiet, checkpoints=checkpoints)
     if distributed.Group.from_env().is_main:
@@ -220,7 +220,7 @@ def _run(config: TrainConfig, safe: SafeConfig, out: Path, quiet: bool, checkpoi
 
 
 def command_train(args: argparse.Namespace) -> None:
-    from safefreeze.report import check_out_dir, primary_score, render_run
+    from safefreeze.analysis.report import check_out_dir, primary_score, render_run
 
     if any(value is not None and value < 1 for value in (args.save_every, args.keep_checkpoints)):
         raise ConfigError("--save-every and --keep-checkpoints must be >= 1")
@@ -253,7 +253,7 @@ def command_train(args: argparse.Namespace) -> None:
 
 
 def command_compare(args: argparse.Namespace) -> None:
-    from safefreeze.report import check_out_dir, comparison_rows, render_comparison, write_atomically
+    from safefreeze.analysis.report import check_out_dir, comparison_rows, render_comparison, write_atomically
 
     config, safe = _configs(args, method="lora")
     out = args.out or Path("runs") / f"compare-{Path(config.model).name}-{config.dataset}-s{config.seed}"
@@ -284,8 +284,8 @@ def _describe(error: OSError) -> str:
 
 
 def command_bench(args: argparse.Namespace) -> None:
-    from safefreeze.bench import run_bench
-    from safefreeze.plots import PLOTS_HEADING, plot
+    from safefreeze.analysis.bench import run_bench
+    from safefreeze.analysis.plots import PLOTS_HEADING, plot
 
     preset = "quick" if args.quick else "full"
     out = args.out or Path("bench") / "results" / preset
@@ -304,7 +304,7 @@ def command_bench(args: argparse.Namespace) -> None:
 
 
 def command_plot(args: argparse.Namespace) -> None:
-    from safefreeze.plots import plot
+    from safefreeze.analysis.plots import plot
 
     if not args.directory.is_dir():
         raise ConfigError(f"{args.directory} is not a directory; point at a run, compare or bench directory")
@@ -313,7 +313,7 @@ def command_plot(args: argparse.Namespace) -> None:
 
 
 def command_landscape(args: argparse.Namespace) -> None:
-    from safefreeze.landscape import landscape
+    from safefreeze.analysis.landscape import landscape
 
     if not args.directory.is_dir():
         raise ConfigError(f"{args.directory} is not a directory; point at a run or a directory of runs")

@@ -34,8 +34,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from safefreeze.config import ConfigError
-from safefreeze.units import AdapterLayer, block_index
+from safefreeze.core.config import ConfigError
+from safefreeze.core.units import AdapterLayer, block_index
 
 KINDS = {"houlsby": ("attention", "feed_forward"), "pfeiffer": ("feed_forward",)}
 

@@ -41,12 +41,12 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import CallbackHandler, ExportableState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from safefreeze.accounting import record_saved_tensors
-from safefreeze.config import SafeConfig
-from safefreeze.freezer import SafeFreezer, input_require_grads_hooks
-from safefreeze.schedule import threshold
-from safefreeze.state import freezer_state, load_freezer_state, write_state
-from safefreeze.units import find_blocks
+from safefreeze.core.accounting import record_saved_tensors
+from safefreeze.core.config import SafeConfig
+from safefreeze.core.freezer import SafeFreezer, input_require_grads_hooks
+from safefreeze.core.schedule import threshold
+from safefreeze.core.state import freezer_state, load_freezer_state, write_state
+from safefreeze.core.units import find_blocks
 
 logger = logging.getLogger(__name__)
 

