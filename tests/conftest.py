@@ -34,6 +34,12 @@ def minilm_tokenizer(minilm_source):
 
 
 @pytest.fixture(scope="session")
+def smollm2_tokenizer():
+    """The bundled SmolLM2's tokenizer (it has a chat template); reading it from the GGUF takes seconds."""
+    return load_tokenizer(resolve_model("smollm2"))
+
+
+@pytest.fixture(scope="session")
 def trec_task():
     return load_task("trec")
 

@@ -1,7 +1,18 @@
 import pytest
+import torch
 
 from safefreeze.core.config import ConfigError
-from safefreeze.training.data import Collator, encode, epoch_order, in_test_split, load_task, split_labelled
+from safefreeze.training.data import (
+    TREC_CHAT_QUESTION,
+    Collator,
+    Instruction,
+    TaskData,
+    encode,
+    epoch_order,
+    in_test_split,
+    load_task,
+    split_labelled,
+)
 
 
 def test_trec_is_six_coarse_classes_deduplicated_and_leak_free(trec_task):
@@ -61,3 +72,68 @@ def test_epoch_order_is_a_seeded_permutation():
 def test_unknown_dataset():
     with pytest.raises(ConfigError, match="unknown dataset 'nope'"):
         load_task("nope")
+
+
+def _masked_split(example: dict) -> int:
+    """Where the prompt ends: the labels are -100 before it and the inputs from it on."""
+    n = example["labels"].count(-100)
+    assert example["labels"] == [-100] * n + example["input_ids"][n:]
+    return n
+
+
+def test_chat_instruction_puts_the_loss_on_the_reply_only(smollm2_tokenizer):
+    task = load_task("trec-chat")
+    trec = load_task("trec")
+    assert task.kind == "causal_lm" and len(task.train) == len(trec.train) and len(task.test) == len(trec.test)
+    example = task.train[0]
+    assert example.prompt[0]["content"] == TREC_CHAT_QUESTION + trec.train[0][0]
+    train, _ = encode(TaskData("toy", "causal_lm", train=task.train[:8]), smollm2_tokenizer, 128)
+    tokenizer = smollm2_tokenizer
+    for encoded, instruction in zip(train, task.train[:8], strict=True):
+        n = _masked_split(encoded)
+        ids = encoded["input_ids"]
+        reply = instruction.completion[0]["content"]
+        prompt_text = tokenizer.apply_chat_template(instruction.prompt, tokenize=False, add_generation_prompt=True)
+        assert tokenizer.decode(ids[:n]) == prompt_text and prompt_text.endswith("<|im_start|>assistant\n")
+        assert tokenizer.decode(ids[n:]) == reply + "<|im_end|>\n"  # the reply and its end of turn, nothing else
+        assert ids[-2] == tokenizer.eos_token_id
+
+
+def test_text_instruction_masks_the_prompt_and_ends_with_eos(smollm2_tokenizer):
+    tokenizer = smollm2_tokenizer
+    example = Instruction("Translate to French: cat\nAnswer:", " chat")
+    task = TaskData("toy", "causal_lm", train=[example], test=[example])
+    (encoded,), _ = encode(task, tokenizer, 64)
+    n = _masked_split(encoded)
+    assert encoded["input_ids"][:n] == tokenizer(example.prompt)["input_ids"]
+    assert encoded["input_ids"][n:] == tokenizer(" chat", add_special_tokens=False)["input_ids"] + [
+        tokenizer.eos_token_id
+    ]
+    # a window shorter than prompt + completion cuts the completion; one the prompt fills drops the example
+    (cut,), _ = encode(task, tokenizer, n + 1)
+    assert cut["input_ids"] == encoded["input_ids"][: n + 1] and cut["labels"][-1] != -100
+    assert encode(task, tokenizer, n) == ([], [])
+
+
+def test_instruction_batch_loss_is_the_completion_cross_entropy(smollm2_tokenizer, tiny_llama):
+    """The collated labels make the model's loss the mean cross-entropy of the completion tokens, padding aside."""
+    tokenizer = smollm2_tokenizer
+    examples = [Instruction(f"Question {i}: {'why ' * i}?\nAnswer:", f" because {i}") for i in range(3)]
+    encoded, _ = encode(TaskData("toy", "causal_lm", train=examples), tokenizer, 64)
+    batch = Collator(tokenizer, "causal_lm")(encoded)
+    model = tiny_llama(vocab_size=len(tokenizer), num_hidden_layers=1)
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    terms = []
+    for row, example in enumerate(encoded):
+        n, length = example["labels"].count(-100), len(example["input_ids"])
+        assert batch["labels"][row, length:].eq(-100).all() and batch["attention_mask"][row, length:].eq(0).all()
+        # token t is predicted from position t - 1
+        terms += [-logits[row, t - 1].log_softmax(-1)[batch["input_ids"][row, t]] for t in range(n, length)]
+    expected = torch.stack(terms).mean()
+    torch.testing.assert_close(model(**batch).loss, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_chat_needs_a_chat_template(minilm_tokenizer):
+    chat = Instruction([{"role": "user", "content": "hi"}], [{"role": "assistant", "content": "hello"}])
+    with pytest.raises(ConfigError, match="no chat template"):
+        encode(TaskData("toy", "causal_lm", train=[chat], test=[chat]), minilm_tokenizer, 32)

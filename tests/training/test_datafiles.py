@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+from safefreeze.cli import main
 from safefreeze.core.config import ConfigError
 from safefreeze.training.data import Collator, encode
 from safefreeze.training.datafiles import load_dataset
@@ -87,3 +88,93 @@ def test_bad_files_are_config_errors(tmp_path):
         load_dataset(str(tmp_path / "bad.jsonl"))
     with pytest.raises(ConfigError, match="bundled datasets"):
         load_dataset("no-such-dataset")
+
+
+def _write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+CHATS = [
+    {
+        "messages": [
+            {"role": "system", "content": "Answer in one word."},
+            {"role": "user", "content": f"Which animal is number {i}?"},
+            {"role": "assistant", "content": ("cat", "dog", "fish")[i % 3]},
+        ]
+    }
+    for i in range(40)
+]
+
+
+def test_jsonl_messages_are_chat_instructions(tmp_path, smollm2_tokenizer):
+    task = load_dataset(str(_write_jsonl(tmp_path / "chat.jsonl", CHATS + CHATS[:5])))  # duplicates kept once
+    assert task.kind == "causal_lm" and task.labels == []
+    assert len(task.train) + len(task.test) == 40 and 0 < len(task.test) < len(task.train)
+    example = task.train[0]
+    assert [m["role"] for m in example.prompt] == ["system", "user"] and example.completion[0]["role"] == "assistant"
+    train, test = encode(task, smollm2_tokenizer, 64)
+    assert len(train) == len(task.train) and len(test) == len(task.test)
+    masked = train[0]["labels"].count(-100)
+    reply = smollm2_tokenizer.decode(train[0]["input_ids"][masked:])
+    assert reply == example.completion[0]["content"] + "<|im_end|>\n"
+
+
+def test_prompt_completion_text_and_chat_in_jsonl_and_csv(tmp_path, smollm2_tokenizer):
+    rows = [{"prompt": f"2 + {i} =", "completion": f" {2 + i}"} for i in range(30)]
+    from_jsonl = load_dataset(str(_write_jsonl(tmp_path / "sums.jsonl", rows)))
+    from_csv = load_dataset(
+        str(_write_csv(tmp_path / "sums.csv", ["prompt", "completion"], [(r["prompt"], r["completion"]) for r in rows]))
+    )
+    assert from_jsonl.train == from_csv.train and from_jsonl.test == from_csv.test
+    assert {(e.prompt, e.completion) for e in from_jsonl.train + from_jsonl.test} == {
+        (r["prompt"], r["completion"]) for r in rows
+    }
+    chat = [{"prompt": c["messages"][:-1], "completion": c["messages"][-1:]} for c in CHATS]
+    as_prompt_completion = load_dataset(str(_write_jsonl(tmp_path / "chat.jsonl", chat)))
+    as_messages = load_dataset(str(_write_jsonl(tmp_path / "chat.jsonl", CHATS)))
+    assert encode(as_prompt_completion, smollm2_tokenizer, 64) == encode(as_messages, smollm2_tokenizer, 64)
+
+
+def test_a_label_column_keeps_a_file_classification(tmp_path):
+    rows = [{"prompt": f"q{i}", "completion": f"a{i}", "label": i % 2} for i in range(20)]
+    task = load_dataset(str(_write_jsonl(tmp_path / "labelled.jsonl", rows)), text_column="prompt")
+    assert task.kind == "classification" and task.labels == ["0", "1"]
+
+
+@pytest.mark.parametrize(
+    ("row", "message"),
+    [
+        ({"messages": [{"role": "user", "content": "hi"}]}, "row 1: 'messages' must end with the assistant's reply"),
+        (
+            {"messages": [{"role": "assistant", "content": "a"}, {"role": "user", "content": "hi"}]},
+            "must end with the assistant's reply",
+        ),
+        ({"messages": ["hi", "hello"]}, r"row 1: 'messages' must be a list of \{\"role\""),
+        ({"messages": [{"role": "user", "content": 3}, {"role": "assistant", "content": "a"}]}, "with text values"),
+        ({"prompt": "hi", "completion": [{"role": "assistant", "content": "a"}]}, "both be text or both be lists"),
+        ({"prompt": "hi", "completion": "a", "messages": CHATS[0]["messages"]}, "has both 'messages' and 'prompt'"),
+        ({"prompt": "", "completion": ""}, "no row with a non-empty"),
+    ],
+)
+def test_bad_instruction_rows_are_config_errors(tmp_path, row, message):
+    path = _write_jsonl(tmp_path / "bad.jsonl", [row])
+    with pytest.raises(ConfigError, match=message):
+        load_dataset(str(path))
+
+
+def test_cli_trains_a_decoder_on_instruction_jsonl(tmp_path, tiny_llama, smollm2_tokenizer, capsys):
+    """The reference loop takes instruction data as it is (a tiny Llama with SmolLM2's tokenizer)."""
+    model_dir = tmp_path / "tiny"
+    tiny_llama(vocab_size=len(smollm2_tokenizer), num_hidden_layers=2).save_pretrained(model_dir)
+    smollm2_tokenizer.save_pretrained(model_dir)
+    data = _write_jsonl(tmp_path / "chat.jsonl", CHATS)
+    out = tmp_path / "run"
+    code = main(
+        ["train", "--model", str(model_dir), "--dataset", str(data), "--max-length", "64", "--batch-size", "4",
+         "--max-steps", "2", "--warmup-steps", "2", "--score-every", "1", "--probe-size", "4", "--out", str(out),
+         "--quiet"]
+    )  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    report = json.loads((out / "report.json").read_text())
+    assert report["eval"]["perplexity"] > 1.0 and len(report["steps"]) == 2

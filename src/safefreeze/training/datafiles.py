@@ -6,9 +6,15 @@
   indexed in sorted order (numerically when all are integers) and the names are saved in
   the run's report.json (``labels``).
 - ``.txt``: plain text for causal language modelling; the last 10 % of lines is the test split.
+- Instruction data (``.jsonl``, or ``.csv`` for text): rows with ``prompt`` and ``completion``
+  (two strings, or two lists of chat messages as TRL's prompt-completion format), or with
+  ``messages`` (a chat whose last message is the assistant's reply). Training reads the
+  whole example and puts the loss on the completion only (data.py, ``Instruction``).
 
-Labelled files are deduplicated and split by text hash exactly like the bundled datasets
-(20 % test), so a text never lands on both sides.
+The columns decide: a file with ``messages``, or with both ``prompt`` and ``completion``,
+and no ``label_column`` is instruction data; any other ``.csv``/``.jsonl`` is classification.
+Labelled and instruction files are deduplicated and split by text hash exactly like the
+bundled datasets (20 % test), so an example never lands on both sides.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ import json
 from pathlib import Path
 
 from safefreeze.core.config import ConfigError
-from safefreeze.training.data import DATASETS, TaskData, load_task, split_labelled
+from safefreeze.training.data import DATASETS, Instruction, TaskData, load_task, split_instructions, split_labelled
 
 FILE_KINDS = (".csv", ".jsonl", ".txt")
 TEXT_TEST_FRACTION = 0.1
@@ -44,6 +50,9 @@ def load_dataset(
     if path.suffix.lower() == ".txt":
         return _plain_text(path)
     rows = _csv_rows(path) if path.suffix.lower() == ".csv" else _jsonl_rows(path)
+    columns = {key for row in rows for key in row}
+    if label_column not in columns and ("messages" in columns or {"prompt", "completion"} <= columns):
+        return _instructions(path, rows)
     return _labelled(path, rows, text_column, text_pair_column, label_column)
 
 
@@ -99,3 +108,49 @@ def _labelled(path: Path, rows: list[dict], text_column: str, pair_column: str |
             "classification needs at least 2"
         )
     return task
+
+
+def _instructions(path: Path, rows: list[dict]) -> TaskData:
+    """Instruction examples from rows of ``messages`` or ``prompt``/``completion`` (module docstring)."""
+    examples = []
+    for number, row in enumerate(rows, start=1):
+        if row.get("messages") and row.get("prompt"):
+            raise ConfigError(f"--dataset {path}, row {number} has both 'messages' and 'prompt'; keep one of them")
+        if row.get("messages"):
+            messages = _messages(path, number, "messages", row["messages"])
+            if len(messages) < 2 or messages[-1]["role"] != "assistant":
+                raise ConfigError(
+                    f"--dataset {path}, row {number}: 'messages' must end with the assistant's reply "
+                    "after at least one other message"
+                )
+            examples.append(Instruction(messages[:-1], messages[-1:]))
+        elif row.get("prompt") and row.get("completion"):
+            prompt, completion = row["prompt"], row["completion"]
+            if isinstance(prompt, str) and isinstance(completion, str):
+                examples.append(Instruction(prompt, completion))
+            elif isinstance(prompt, list) and isinstance(completion, list):
+                examples.append(
+                    Instruction(
+                        _messages(path, number, "prompt", prompt), _messages(path, number, "completion", completion)
+                    )
+                )
+            else:
+                raise ConfigError(
+                    f"--dataset {path}, row {number}: 'prompt' and 'completion' must both be text "
+                    "or both be lists of chat messages"
+                )
+    if not examples:
+        raise ConfigError(f"--dataset {path} has no row with a non-empty 'messages' or 'prompt' and 'completion'")
+    return split_instructions(path.stem, examples)
+
+
+def _messages(path: Path, number: int, column: str, value) -> list[dict]:
+    """A chat as a list of ``{"role", "content"}`` dicts of strings, checked."""
+    if not isinstance(value, list) or not all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in value
+    ):
+        raise ConfigError(
+            f"--dataset {path}, row {number}: {column!r} must be a list of "
+            '{"role": ..., "content": ...} messages with text values'
+        )
+    return [{"role": m["role"], "content": m["content"]} for m in value]
