@@ -146,3 +146,67 @@ def tiny_llama():
         return LlamaForCausalLM(LlamaConfig(**{**defaults, **config}))
 
     return make
+
+
+CHATML = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content']"
+    " + '<|im_end|>' + '\\n'}}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(tmp_path_factory) -> Path:
+    """A seeded random Llama (2 blocks, hidden 64) as a float32 GGUF file with a byte-level tokenizer
+    and a ChatML chat template: SmolLM2's format at a size that loads in a fraction of a second."""
+    import gguf
+    import numpy as np
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    hidden, ffn, blocks, heads, kv_heads = 64, 128, 2, 4, 2
+    tokens = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", *bytes_to_unicode().values(), "Ġt", "he"]
+    path = tmp_path_factory.mktemp("gguf") / "tiny-llama.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(blocks)
+    writer.add_context_length(256)
+    writer.add_embedding_length(hidden)
+    writer.add_feed_forward_length(ffn)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_rope_dimension_count(hidden // heads)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_vocab_size(len(tokens))
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(tokens)
+    writer.add_token_types([3] * 3 + [1] * (len(tokens) - 3))  # 3: control tokens
+    writer.add_token_merges(["Ġ t", "h e"])
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_unk_token_id(0)
+    writer.add_pad_token_id(2)
+    writer.add_add_bos_token(False)
+    writer.add_chat_template(CHATML)
+    rng = np.random.default_rng(0)
+    shapes = {"token_embd": (len(tokens), hidden), "output_norm": (hidden,)}
+    for i in range(blocks):
+        kv = kv_heads * hidden // heads
+        shapes |= {f"blk.{i}.attn_norm": (hidden,), f"blk.{i}.ffn_norm": (hidden,), f"blk.{i}.attn_q": (hidden, hidden)}
+        shapes |= {
+            f"blk.{i}.attn_k": (kv, hidden),
+            f"blk.{i}.attn_v": (kv, hidden),
+            f"blk.{i}.attn_output": (hidden,) * 2,
+        }
+        shapes |= {
+            f"blk.{i}.ffn_gate": (ffn, hidden),
+            f"blk.{i}.ffn_up": (ffn, hidden),
+            f"blk.{i}.ffn_down": (hidden, ffn),
+        }
+    for name, shape in shapes.items():
+        values = np.ones(shape) if len(shape) == 1 else rng.standard_normal(shape) * 0.05
+        writer.add_tensor(f"{name}.weight", values.astype(np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path

@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
+from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from safefreeze.cli import main
 from safefreeze.core.config import ConfigError
 from safefreeze.core.units import find_units
-from safefreeze.training.models import add_lora, load_model
+from safefreeze.training.models import add_lora, export_model, load_model, load_tokenizer, resolve_model
 
 
 def test_lora_target_modules_become_units(minilm_source, trec_task):
@@ -57,3 +59,43 @@ def test_local_decoder_directory_trains_on_text_file(minilm_source, tiny_llama, 
     assert [unit["name"] for unit in report["units"]] == ["block.0", "block.1"]
     assert (out / "adapter" / "adapter_model.safetensors").exists()
     assert (out / "adapter" / "safe_state.json").exists()
+
+
+def test_export_gguf_gives_a_plain_folder_with_the_same_logits(tiny_gguf, tmp_path):
+    source = resolve_model(str(tiny_gguf))
+    expected = load_model(source, "causal_lm")
+    out = export_model(str(tiny_gguf), tmp_path / "exported")
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
+    model = AutoModelForCausalLM.from_pretrained(out)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    chat = [{"role": "user", "content": "the cat"}]
+    text = load_tokenizer(source).apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    assert tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True) == text
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    assert ids.shape[1] > 10 and tokenizer.decode(ids[0]) == text
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, expected(ids).logits)
+
+
+def test_export_encoder_is_its_base_model(minilm_source, tmp_path):
+    out = export_model("minilm", tmp_path / "minilm")
+    batch = AutoTokenizer.from_pretrained(out)(["a question about cats"], return_tensors="pt")
+    original = AutoModel.from_pretrained(minilm_source.directory)
+    with torch.no_grad():
+        assert torch.equal(AutoModel.from_pretrained(out)(**batch)[0], original(**batch)[0])
+
+
+def test_export_refuses_a_non_empty_directory_and_leaves_nothing_half_written(tiny_gguf, tmp_path, monkeypatch):
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="already exists and is not empty"):
+        export_model(str(tiny_gguf), tmp_path / "taken")
+    assert [p.name for p in (tmp_path / "taken").iterdir()] == ["notes.txt"]
+
+    def disk_full(self, directory, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(PreTrainedTokenizerBase, "save_pretrained", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        export_model(str(tiny_gguf), tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]  # no out/, no staging folder

