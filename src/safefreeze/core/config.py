@@ -1,22 +1,29 @@
 """``SafeConfig``: every knob of SAFE, with the help text the CLI shows.
 
 Defaults were chosen by measurement on TREC and movie-review sentiment with MiniLM
-(BENCHMARKS.md, "Choosing the defaults"): τ = 0.1 with a 30 % warm-up and scores smoothed
-by an EMA of 0.7. Importance is normalised by the top unit, which dominates (MiniLM's top
-block scores 5-50x the bottom ones), and every unit dips briefly early in training; the
-EMA keeps that dip from freezing a unit that later matters. Fields carry ``metadata={"help": ...}`` like
-PEFT's configs so that ``safefreeze train --help`` is generated from this one place.
+(BENCHMARKS.md, "Choosing the defaults"): τ = 0.1 with a 30 % warm-up, scored every 10 steps
+and smoothed by an EMA of 0.7 per measurement. Importance is normalised by the top unit,
+which dominates (MiniLM's top block scores 5-50x the bottom ones), and every unit dips
+briefly early in training; the EMA keeps that dip from freezing a unit that later matters.
+
+Those numbers are per step and per measurement, so they only fit runs of that length (a
+80-step run gets 5 measurements and froze nothing). ``"auto"`` scales either with the
+warm-up W (schedule.py): ``score_every = ⌊W/12⌋`` and an EMA whose half-life is 0.16·W,
+which at W = 122 are the measured 10 steps and 0.70. A number sets either one exactly.
+Fields carry ``metadata={"help": ...}`` like PEFT's configs so that ``safefreeze train
+--help`` is generated from this one place.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
 
-from safefreeze.core.schedule import SCHEDULES
+from safefreeze.core.schedule import MEASUREMENTS, SCHEDULES, score_every_for, smoothing_per_measurement
 
 GRANULARITIES = ("block", "module")
 IMPORTANCES = ("cka", "random")
 POLICIES = ("threshold", "resource")  # safefreeze.core.policy implements them
+AUTO = "auto"  # a value derived from the run (its warm-up length), see the resolve_* methods
 
 
 class ConfigError(ValueError):
@@ -39,9 +46,12 @@ class SafeConfig:
         default=0.3,
         metadata={"help": "warm-up length as a fraction of the total optimizer steps"},
     )
-    score_every: int = field(
+    score_every: int | str = field(
         default=10,
-        metadata={"help": "score the units every N optimizer steps during the warm-up"},
+        metadata={
+            "help": f"score the units every N optimizer steps during the warm-up, or '{AUTO}': "
+            f"warm-up / {MEASUREMENTS} steps, so any run length gets at least {MEASUREMENTS} measurements"
+        },
     )
     probe_size: int = field(
         default=32,
@@ -67,9 +77,18 @@ class SafeConfig:
         default="cka",
         metadata={"help": "unit importance: 'cka' (1 - CKA of feature maps) or 'random' (ablation)"},
     )
-    smoothing: float = field(
+    smoothing: float | str = field(
         default=0.7,
-        metadata={"help": "exponential moving average of scores across measurements, in [0, 1); 0 = none"},
+        metadata={
+            "help": "weight of the running average of scores at each measurement (EMA), in [0, 1); 0 = none; "
+            f"'{AUTO}': from --smoothing-halflife, so runs of any length smooth alike"
+        },
+    )
+    smoothing_halflife: float = field(
+        default=0.16,
+        metadata={
+            "help": "smoothing 'auto': a score's weight in the average halves every this fraction of the warm-up"
+        },
     )
     seed: int = field(
         default=0,
@@ -95,15 +114,21 @@ class SafeConfig:
             raise ConfigError(f"warmup_steps must be >= 1, got {self.warmup_steps}")
         if not 0.0 < self.warmup_ratio <= 1.0:
             raise ConfigError(f"warmup_ratio must be in (0, 1], got {self.warmup_ratio}")
-        for name in ("score_every", "probe_size", "probe_rows"):
+        if self.score_every != AUTO and (not _is_int(self.score_every) or self.score_every < 1):
+            raise ConfigError(f"score_every must be an integer >= 1 or '{AUTO}', got {self.score_every!r}")
+        for name in ("probe_size", "probe_rows"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.probe_rows < 2:
             raise ConfigError("probe_rows must be >= 2: CKA needs at least two rows")
         if self.min_trainable < 0:
             raise ConfigError(f"min_trainable must be >= 0, got {self.min_trainable}")
-        if not 0.0 <= self.smoothing < 1.0:
-            raise ConfigError(f"smoothing must be in [0, 1), got {self.smoothing}")
+        if self.smoothing != AUTO and (not _is_number(self.smoothing) or not 0.0 <= self.smoothing < 1.0):
+            raise ConfigError(f"smoothing must be in [0, 1) or '{AUTO}', got {self.smoothing!r}")
+        if not _is_number(self.smoothing_halflife) or self.smoothing_halflife < 0:
+            raise ConfigError(
+                f"smoothing_halflife must be >= 0 (a fraction of the warm-up), got {self.smoothing_halflife}"
+            )
         if not 0.0 <= self.resource_weight <= 1.0:
             raise ConfigError(f"resource_weight must be in [0, 1], got {self.resource_weight}")
         for name, allowed in (
@@ -123,6 +148,19 @@ class SafeConfig:
             raise ConfigError("warmup_ratio needs the total number of steps; pass total_steps or set warmup_steps")
         return max(1, round(self.warmup_ratio * total_steps))
 
+    def resolve_score_every(self, warmup_steps: int) -> int:
+        """Steps between measurements: ``score_every`` if set, else ``max(1, ⌊W / 12⌋)`` (schedule.score_every_for)."""
+        return score_every_for(warmup_steps) if self.score_every == AUTO else self.score_every
+
+    def resolve_smoothing(self, warmup_steps: int) -> float:
+        """EMA weight β per measurement: ``smoothing`` if set, else ``½ ^ (score_every / (halflife · W))``.
+
+        See schedule.smoothing_per_measurement; ``score_every`` is the resolved cadence.
+        """
+        if self.smoothing != AUTO:
+            return self.smoothing
+        return smoothing_per_measurement(self.smoothing_halflife, self.resolve_score_every(warmup_steps), warmup_steps)
+
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -130,3 +168,11 @@ class SafeConfig:
     def from_dict(cls, data: dict) -> SafeConfig:
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
