@@ -1,0 +1,39 @@
+"""The probe: the fixed batch of training examples SAFE scores every unit on.
+
+Importance is compared across measurements and across units, so every measurement runs
+on the same examples: ``size`` of them, picked once in a seeded order and collated like a
+training batch. Labels are removed, since scoring only needs the feature maps of the
+forward (a model given labels would also compute a loss). The reference loop and the
+Trainer callback both draw their probe here; they differ only in the order they pass.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterable, Sequence
+
+import torch
+
+LABEL_KEYS = ("labels", "label", "label_ids")
+
+
+def draw_probe(
+    examples: Iterable,
+    collate: Callable[[list], dict],
+    size: int,
+    order: Sequence[int] | None = None,
+) -> dict[str, torch.Tensor]:
+    """The probe batch: ``size`` examples collated by ``collate``, with labels and non-tensor entries dropped.
+
+    Args:
+        examples: indexable examples (``order`` given) or any iterable (its first ``size`` are taken).
+        collate: the function that makes a training batch from a list of examples.
+        size: how many examples (fewer if there are fewer).
+        order: the indices to take the examples from, in order (the first ``size`` of them).
+    """
+    if order is None:
+        chosen = list(itertools.islice(iter(examples), size))
+    else:
+        chosen = [examples[i] for i in order[:size]]
+    batch = collate(chosen)
+    return {key: value for key, value in batch.items() if torch.is_tensor(value) and key not in LABEL_KEYS}
