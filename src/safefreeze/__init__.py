@@ -3,7 +3,7 @@
 from safefreeze import SafeConfig, SafeFreezer
 freezer = SafeFreezer(peft_model, SafeConfig(tau=0.1), optimizer, probe=batch, total_steps=n)
 ...
-loss.backward(); optimizer.step(); freezer.step(global_step)
+loss.backward(); optimizer.step(); event = freezer.step(global_step)  # a FreezeEvent or None
 
 or, in a transformers Trainer: ``Trainer(..., callbacks=[SafeCallback(SafeConfig(tau=0.1))])``.
 
@@ -14,7 +14,7 @@ transformers' training machinery, is imported on first use of ``SafeCallback`` o
 
 from safefreeze.core.cka import linear_cka
 from safefreeze.core.config import ConfigError, SafeConfig
-from safefreeze.core.freezer import SafeFreezer
+from safefreeze.core.freezer import FreezeEvent, SafeFreezer
 from safefreeze.core.schedule import threshold
 from safefreeze.core.units import AdapterUnit, find_units
 
@@ -23,6 +23,7 @@ _INTEGRATIONS = {"SafeCallback", "untangle_checkpointing"}
 __all__ = [
     "AdapterUnit",
     "ConfigError",
+    "FreezeEvent",
     "SafeCallback",
     "SafeConfig",
     "SafeFreezer",

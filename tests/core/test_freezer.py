@@ -1,9 +1,12 @@
 import pytest
 import torch
 
+from safefreeze.core import accounting
 from safefreeze.core.accounting import record_saved_tensors
 from safefreeze.core.config import ConfigError, SafeConfig
+from safefreeze.core.decisions import PlannedStrategy
 from safefreeze.core.freezer import SafeFreezer
+from safefreeze.core.schedule import threshold
 from safefreeze.core.units import find_blocks, find_units
 from safefreeze.training.models import add_lora, load_model, resolve_model
 
@@ -52,19 +55,19 @@ def test_units_below_threshold_freeze_and_stay_frozen(lora_minilm, trec_batch):
     _perturb_adapters(model)
     config = SafeConfig(tau=0.6, schedule="constant", warmup_steps=30, score_every=10)
     freezer = SafeFreezer(model, config, probe=_probe(trec_batch))
-    scores = freezer.score()
+    scores = freezer.strategy.score()
     assert max(scores.values()) == pytest.approx(1.0)
     expected = {name for name, score in scores.items() if score < 0.6}
     assert 0 < len(expected) < 6
-    assert freezer.step(5) == []  # not a scoring step
-    assert set(freezer.step(10)) == expected
+    assert freezer.step(5) is None  # not a scoring step
+    assert set(freezer.step(10).frozen_now) == expected
     assert freezer.frozen == dict.fromkeys(expected, 10)
     for unit in freezer.units:
         assert all(p.requires_grad == (unit.name not in expected) for p in unit.parameters())
     # Make every unit look unimportant later: the frozen ones stay frozen at their step, nothing thaws.
     freezer.step(20)
     assert all(freezer.frozen[name] == 10 for name in expected)
-    assert freezer.step(40) == []  # after the warm-up nothing changes
+    assert freezer.step(40) is None  # after the warm-up nothing changes
     assert all(len(points) == 2 for points in freezer.history.values())
 
 
@@ -76,8 +79,8 @@ def test_min_trainable_is_respected(lora_minilm, trec_batch):
         SafeConfig(tau=1.0, schedule="constant", warmup_steps=5, score_every=5, min_trainable=2),
         probe=_probe(trec_batch),
     )
-    scores = freezer.score()
-    frozen = freezer.step(5)
+    scores = freezer.strategy.score()
+    frozen = freezer.step(5).frozen_now
     assert len(frozen) == 4
     kept = {u.name for u in freezer.trainable_units}
     assert kept == set(sorted(scores, key=scores.get)[-2:])  # the two most important survive
@@ -168,6 +171,7 @@ def test_state_dict_round_trip(lora_minilm, trec_batch):
     # Both continue identically: the same decisions at the next measurement.
     assert restored.step(15) == freezer.step(15)
     assert restored.history == freezer.history
+    assert restored.events == freezer.events
 
 
 def test_config_validation():
@@ -177,3 +181,96 @@ def test_config_validation():
         SafeConfig(granularity="layer")
     assert SafeConfig(warmup_ratio=0.25).resolve_warmup(200) == 50
     assert SafeConfig(warmup_steps=7).resolve_warmup(None) == 7
+
+
+def test_step_returns_the_event_of_a_real_measurement(lora_minilm, trec_batch):
+    """Every field of the FreezeEvent is what the run did: scores, bar, units, parameters and AdamW bytes."""
+    model = lora_minilm()
+    batch = trec_batch(8)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    config = SafeConfig(tau=0.9, warmup_steps=4, score_every=2, smoothing=0.0)
+    freezer = SafeFreezer(model, config, optimizer, probe=_probe(trec_batch))
+    _train_steps(model, optimizer, batch, 2)
+    state_before = accounting.optimizer_state_bytes(optimizer)
+    event = freezer.step(2)
+    assert event.step == 2 and event.threshold == threshold(2, 4, 0.9, "cubic") == pytest.approx(0.7875)
+    assert set(event.scores) == {u.name for u in freezer.units} and max(event.scores.values()) == 1.0
+    assert event.frozen_now == tuple(
+        sorted((n for n, s in event.scores.items() if s < event.threshold), key=event.scores.get)
+    )
+    assert event.frozen_now, "tau 0.9 must freeze something for this test to mean anything"
+    assert {name: points[-1] for name, points in freezer.history.items()} == {
+        name: [2, score] for name, score in event.scores.items()
+    }
+    frozen_units = [u for u in freezer.units if u.name in event.frozen_now]
+    assert event.parameters_released == sum(p.numel() for u in frozen_units for p in u.parameters()) > 0
+    # AdamW keeps exp_avg and exp_avg_sq (float32, one element per weight) and a scalar step per parameter.
+    assert event.optimizer_bytes_released == state_before - accounting.optimizer_state_bytes(optimizer)
+    assert event.optimizer_bytes_released == sum(2 * 4 * p.numel() + 4 for u in frozen_units for p in u.parameters())
+    assert (event.frozen_total, event.frozen_prefix) == (len(freezer.frozen), freezer.frozen_prefix())
+    assert freezer.events == [event]
+    assert freezer.step(3) is None
+    later = freezer.step(4)
+    assert later.parameters_released == sum(
+        p.numel() for u in freezer.units if u.name in later.frozen_now for p in u.parameters()
+    )
+    assert freezer.events == [event, later]
+    assert [e["frozen_now"] for e in freezer.state_dict()["events"]] == [list(event.frozen_now), list(later.frozen_now)]
+
+
+def test_a_manual_freeze_is_an_event_without_scores(lora_minilm):
+    freezer = SafeFreezer(lora_minilm(), SafeConfig(importance="random", warmup_steps=10))
+    event = freezer.freeze(["block.1", "block.0", "block.1"], 3)
+    assert (event.scores, event.threshold, event.frozen_now) == ({}, None, ("block.1", "block.0"))
+    assert (event.frozen_total, event.frozen_prefix, event.optimizer_bytes_released) == (2, 2, 0)
+    assert freezer.freeze(["block.0"], 4).frozen_now == ()  # frozen is final: nothing released twice
+
+
+def test_planned_strategy_freezes_through_the_same_step(lora_minilm):
+    model = lora_minilm()
+    units = find_units(model)
+    plan = {0: ["block.0"], 3: ["block.1", "block.2"], 5: ["block.2", "block.3"]}
+    freezer = SafeFreezer(model, SafeConfig(), strategy=PlannedStrategy(plan, units))
+    assert freezer.frozen == {"block.0": 0} and freezer.warmup_steps == 5  # no probe needed: nothing is scored
+    assert [e.step for e in freezer.events] == [0]
+    assert [s for s in range(1, 8) if freezer.is_due(s)] == [3, 5]
+    assert freezer.step(2) is None
+    third = freezer.step(3)
+    assert (third.scores, third.threshold, third.frozen_now, third.frozen_prefix) == (
+        {},
+        None,
+        ("block.1", "block.2"),
+        3,
+    )
+    assert freezer.step(5).frozen_now == ("block.3",)
+    assert freezer.frozen == {"block.0": 0, "block.1": 3, "block.2": 3, "block.3": 5}
+    assert all(points == [] for points in freezer.history.values())
+    with pytest.raises(ValueError, match="block.9"):
+        PlannedStrategy({2: ["block.9"]}, units)
+
+
+def test_decide_on_applies_the_deciding_freezers_decision_everywhere(lora_minilm, trec_batch):
+    """DDP in one process: the 'rank 1' freezer probes nothing and applies what 'rank 0' decided."""
+    config = SafeConfig(tau=0.9, warmup_steps=4, score_every=2)
+    broadcast = []
+
+    def on_main(decide):
+        broadcast.append(decide())
+        return broadcast[-1]
+
+    def from_main(decide):
+        return broadcast[-1]
+
+    models = [lora_minilm(), lora_minilm()]
+    _perturb_adapters(models[0])
+    main = SafeFreezer(models[0], config, probe=_probe(trec_batch), decide_on=on_main)
+    other = SafeFreezer(models[1], config, probe=_probe(trec_batch), decide_on=from_main)
+    other.strategy.decide = None  # would fail if called: only the main freezer decides
+    for step in range(1, 5):
+        assert main.step(step) == other.step(step)
+    assert len(broadcast) == 2 and main.frozen == other.frozen and main.frozen
+    states = main.state_dict(), other.state_dict()
+    assert torch.equal(states[0].pop("generator"), states[1].pop("generator"))
+    assert states[0] == states[1]  # smoothed and raw scores too: any rank's checkpoint resumes alike
+    for unit in other.units:
+        assert all(p.requires_grad == (unit.name not in main.frozen) for p in unit.parameters())

@@ -68,8 +68,9 @@ def test_freezer_consults_the_configured_policy(lora_minilm, monkeypatch):
         config = SafeConfig(importance="random", warmup_steps=1, tau=0.4, policy=policy)
         freezer = SafeFreezer(model, config)
         freezer.freeze(["block.1", "block.2"], 0)
-        monkeypatch.setattr(freezer, "score", lambda: scores)
-        chosen[policy] = freezer.step(1)  # decisions depend on the freezer's own record, not on the shared model
+        monkeypatch.setattr(freezer.strategy, "score", lambda merged: scores)
+        # decisions depend on the freezer's own record, not on the shared model
+        chosen[policy] = list(freezer.step(1).frozen_now)
     assert chosen == {"threshold": ["block.5", "block.3"], "resource": ["block.0", "block.3"]}
 
 

@@ -57,6 +57,15 @@ def test_adapterdrop_trains_no_adapter_below_k(quick_train):
     frozen = _frozen_steps(result.report)
     assert frozen == {f"block.{i}": (0 if i < 2 else None) for i in range(6)}
     assert all(s["frozen_units"] == 2 for s in result.report["steps"])
+    (event,) = result.freezer.events  # one planned decision, before the first step
+    assert (event.step, event.frozen_now, event.frozen_prefix, event.scores, event.threshold) == (
+        0,
+        ("block.0", "block.1"),
+        2,
+        {},
+        None,
+    )
+    assert event.optimizer_bytes_released == 0  # nothing trained yet: no AdamW state to release
 
 
 def test_adapterdrop_needs_k(quick_train):
@@ -83,7 +92,16 @@ def test_freezeout_plan_is_bottom_up_on_the_cubic_schedule(lora_minilm):
 
 
 def test_freezeout_run_freezes_on_its_plan(quick_train):
-    report = quick_train("freezeout", max_steps=12).report
+    result = quick_train("freezeout", max_steps=12)
+    report = result.report
+    events = result.freezer.events  # made by the loop's freezer.step, like SAFE's
+    assert [(e.step, e.frozen_now, e.frozen_prefix) for e in events] == [
+        (7, ("block.0", "block.1"), 2),
+        (8, ("block.2",), 3),
+        (9, ("block.3",), 4),
+        (10, ("block.4",), 5),
+    ]
+    assert all(e.scores == {} and e.threshold is None and e.optimizer_bytes_released > 0 for e in events)
     steps = {name: step for name, step in _frozen_steps(report).items()}
     assert steps == {"block.0": 7, "block.1": 7, "block.2": 8, "block.3": 9, "block.4": 10, "block.5": None}
     assert [s["frozen_units"] for s in report["steps"]] == [0] * 6 + [2, 3, 4, 5, 5, 5]

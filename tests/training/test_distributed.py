@@ -65,7 +65,10 @@ def _rank(rank: int, world_size: int, port: int, directory: str, resume: str | N
     )
     result = train.train(config, safe, progress=False, checkpoints=saving)
     adapter = {name: p.detach().clone() for name, p in result.model.named_parameters() if "lora_" in name}
-    torch.save({"adapter": adapter, "report": result.report}, os.path.join(directory, f"rank{rank}.pt"))
+    events = result.freezer.events
+    torch.save(
+        {"adapter": adapter, "report": result.report, "events": events}, os.path.join(directory, f"rank{rank}.pt")
+    )
     distributed.teardown()
 
 
@@ -90,6 +93,20 @@ def test_ranks_freeze_alike_and_end_with_the_same_adapter(two_ranks):
         assert torch.equal(value, ranks[1]["adapter"][name]), name
     losses = [[s["loss"] for s in r["report"]["steps"]] for r in ranks]
     assert losses[0] == losses[1]  # the all-reduced mean
+
+
+def test_every_rank_gets_the_same_freeze_events(two_ranks):
+    """Rank 0 decides through the one protocol (freezer.step); every rank applies its decision."""
+    _, ranks = two_ranks
+    events = [r["events"] for r in ranks]
+    assert events[0] == events[1]
+    assert [e.step for e in events[0]] == [2, 4]  # score_every 2 within the 4-step warm-up
+    assert all(set(e.scores) == {f"block.{i}" for i in range(6)} and e.threshold is not None for e in events[0])
+    assert events[0][-1].frozen_total == 5 and events[0][-1].frozen_prefix == 5
+    frozen = {u["name"]: u["frozen_at_step"] for u in ranks[0]["report"]["units"]}
+    assert {name: e.step for e in events[0] for name in e.frozen_now} == {
+        name: step for name, step in frozen.items() if step is not None
+    }
 
 
 def test_ddp_is_rebuilt_on_freezes_and_keeps_training(two_ranks):

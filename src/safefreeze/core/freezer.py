@@ -1,36 +1,83 @@
-"""``SafeFreezer``: scores adapter units, decides which to freeze, and freezes them for real.
+"""``SafeFreezer``: the one freeze-event protocol — decide, freeze for real, record.
 
 It knows nothing about the training loop: the loop calls ``freezer.step(global_step)``
 after each optimizer step, so the same object serves the reference loop, the
-transformers ``Trainer`` callback and a user's own loop.
+transformers ``Trainer`` callback, DDP and a user's own loop. A step that decides
+returns a ``FreezeEvent``; any other step returns None.
 
-At every ``score_every``-th step of the warm-up (and at its last step) the probe batch is
-run in eval mode without grad, each unit gets importance ``1 − CKA`` (normalised by the
-largest among units), and trainable units below the cubic threshold ``T(t)`` are frozen
-for good, keeping at least ``min_trainable`` trainable. Freezing sets
-``requires_grad=False``, drops ``.grad`` and releases the optimizer's state for those
-parameters, so autograd records nothing for a frozen prefix of blocks and backward stops
-above it.
+    is due? → strategy decides (scores, threshold, chosen units) → freeze → record → FreezeEvent
 
-Two options go beyond the paper: ``policy="resource"`` picks what to freeze by weighing
-importance against the activations it releases (policy.py), and ``merge_frozen`` folds
-each frozen LoRA unit into its base weights so its branch leaves the forward (merge.py).
-A merged unit can no longer be measured from the forward (its base layer already
-computes the adapted output), so its importance stays at its last measurement.
+*Deciding* is a strategy composed into the freezer (decisions.py): SAFE's own
+(``ScoredStrategy``: importance ``1 − CKA`` on a probe, a cubic threshold, a policy) by
+default, or a plan fixed before training (``PlannedStrategy``: the baselines). Under DDP
+the freezer is given ``decide_on=group.on_main``: rank 0 decides, the decision and the
+strategy's state are broadcast, and every rank freezes the same units at the same step.
+
+*Freezing* sets ``requires_grad=False``, drops ``.grad`` and releases the optimizer's state
+for those parameters, so autograd records nothing for a frozen prefix of blocks and
+backward stops above it. With ``merge_frozen`` (beyond the paper) each frozen LoRA unit is
+also folded into its base weights so its branch leaves the forward (merge.py). Frozen is final.
 """
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import TypeVar
 
 import torch
 from torch import nn
 
 from safefreeze.core.config import SafeConfig
+from safefreeze.core.decisions import Decision, DecisionStrategy, ScoredStrategy
 from safefreeze.core.merge import check_mergeable, merge_unit, unmerge_unit
-from safefreeze.core.policy import choose_units, frozen_prefix
-from safefreeze.core.schedule import threshold
-from safefreeze.core.units import AdapterUnit, FeatureCapture, block_index, find_units
+from safefreeze.core.policy import frozen_prefix
+from safefreeze.core.units import AdapterUnit, block_index, find_units
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class FreezeEvent:
+    """One decision of the freezer and what it released.
+
+    ``step`` is the optimizer step (1-based; 0 = before training) after which it was made;
+    ``scores`` the normalised, smoothed importance of every unit ({} for a planned decision)
+    and ``threshold`` the bar ``T(step)`` they were compared with (None for a planned one).
+    ``frozen_now`` may be empty (a measurement that froze nothing). ``frozen_prefix`` is the
+    number of bottom blocks whose units are all frozen after it (backward stops above
+    them); ``parameters_released`` counts the elements that stopped requiring grad and
+    ``optimizer_bytes_released`` the optimizer-state bytes freed at this event.
+    """
+
+    step: int
+    scores: dict[str, float]
+    threshold: float | None
+    frozen_now: tuple[str, ...]
+    frozen_total: int
+    frozen_prefix: int
+    parameters_released: int
+    optimizer_bytes_released: int
+
+
+def release(unit: AdapterUnit, optimizer: torch.optim.Optimizer | None) -> tuple[int, int]:
+    """Stop training a unit: no grad, no gradient buffer, no optimizer state.
+
+    Returns the parameter elements that stopped requiring grad and the optimizer-state bytes released.
+    """
+    parameters = state_bytes = 0
+    for param in unit.parameters():
+        parameters += param.numel() if param.requires_grad else 0
+        param.requires_grad_(False)
+        param.grad = None
+        state = optimizer.state.pop(param, {}) if optimizer is not None else {}
+        state_bytes += sum(v.numel() * v.element_size() for v in state.values() if torch.is_tensor(v))
+    return parameters, state_bytes
+
+
+def _in_this_process(decide: Callable[[], T]) -> T:
+    return decide()
 
 
 def input_require_grads_hooks(model: nn.Module) -> list[tuple[str, nn.Module, int]]:
@@ -53,11 +100,14 @@ class SafeFreezer:
 
     Args:
         model: a PEFT model (adapters injected).
-        config: the SAFE configuration.
+        config: the SAFE configuration (granularity and ``merge_frozen`` apply to every strategy).
         optimizer: optional; the state of frozen parameters is released from it.
         probe: a fixed batch (dict of tensors the model's forward takes) scored on; it
             may hold ``attention_mask`` to drop padding rows. Required for ``importance="cka"``.
         total_steps: the run's optimizer steps, needed when ``warmup_ratio`` sets the warm-up.
+        strategy: how to decide (decisions.py); default SAFE's ``ScoredStrategy`` from the above.
+        decide_on: runs the decision and returns its result to every caller; under DDP
+            ``Group.on_main`` (rank 0 decides, every rank applies). Default: in this process.
     """
 
     def __init__(
@@ -67,98 +117,79 @@ class SafeFreezer:
         optimizer: torch.optim.Optimizer | None = None,
         probe: dict[str, torch.Tensor] | None = None,
         total_steps: int | None = None,
+        strategy: DecisionStrategy | None = None,
+        decide_on: Callable[[Callable[[], T]], T] = _in_this_process,
     ) -> None:
-        if config.importance == "cka" and probe is None:
-            raise ValueError("SafeFreezer with importance='cka' needs a probe batch")
         self.model = model
         self.config = config
         self.optimizer = optimizer
         self.probe = probe
-        self.warmup_steps = config.resolve_warmup(total_steps)
         self.units: list[AdapterUnit] = find_units(model, config.granularity)
+        self.strategy = strategy or ScoredStrategy(model, config, self.units, probe, total_steps)
+        self.decide_on = decide_on
         self.frozen: dict[str, int] = {}  # unit name -> step it was frozen at
         self.merged: set[str] = set()  # frozen units folded into their base weights (merge_frozen)
-        self._raw: dict[str, float] = {}  # last un-normalised importance, kept for merged units
         self.history: dict[str, list[list[float]]] = {unit.name: [] for unit in self.units}
-        self._smoothed: dict[str, float] = {}
-        self._generator = torch.Generator().manual_seed(config.seed)
-        self._capture = FeatureCapture(self.units, config.probe_rows, config.seed)
+        self.events: list[FreezeEvent] = []
         if config.merge_frozen:
             check_mergeable(self.units)
         for problem in self.diagnose():
             warnings.warn(problem, stacklevel=2)
+        if self.strategy.is_due(0):  # a plan that freezes before the first step
+            self._decide(0)
 
-    # -- deciding ---------------------------------------------------------------------
+    @property
+    def warmup_steps(self) -> int:
+        """The last step at which units may freeze."""
+        return self.strategy.warmup_steps
+
+    # -- the protocol -----------------------------------------------------------------
     def is_due(self, global_step: int) -> bool:
-        """Whether ``step`` scores: every ``score_every`` steps of the warm-up, and its last step."""
-        if global_step < 1 or global_step > self.warmup_steps or len(self.frozen) == len(self.units):
-            return False
-        return global_step % self.config.score_every == 0 or global_step == self.warmup_steps
+        """Whether optimizer step ``global_step`` (1-based) makes a decision."""
+        return global_step >= 1 and len(self.frozen) < len(self.units) and self.strategy.is_due(global_step)
 
-    def step(self, global_step: int) -> list[str]:
-        """Call after optimizer step ``global_step`` (1-based). Returns the units frozen now."""
-        if not self.is_due(global_step):
-            return []
-        scores = self.score()
-        for name, score in scores.items():
-            self.history[name].append([global_step, score])
-        bar = threshold(global_step, self.warmup_steps, self.config.tau, self.config.schedule)
-        budget = max(0, len(self.trainable_units) - self.config.min_trainable)
-        chosen = choose_units(
-            self.units, self.frozen, scores, bar, budget, self.config.policy, self.config.resource_weight
+    def step(self, global_step: int) -> FreezeEvent | None:
+        """Call after optimizer step ``global_step`` (1-based): the event it made, or None when not due."""
+        return self._decide(global_step) if self.is_due(global_step) else None
+
+    def freeze(self, names: list[str], global_step: int) -> FreezeEvent:
+        """Freeze these units now, a decision made outside the strategy (recorded like any other)."""
+        return self._apply(global_step, Decision({}, None, tuple(names)))
+
+    def _decide(self, step: int) -> FreezeEvent:
+        def decide() -> tuple[Decision, dict]:
+            return self.strategy.decide(step, self.frozen, self.merged), self.strategy.state_dict()
+
+        decision, state = self.decide_on(decide)
+        self.strategy.load_state_dict(state)  # every rank holds the state the deciding rank reached
+        return self._apply(step, decision)
+
+    def _apply(self, step: int, decision: Decision) -> FreezeEvent:
+        for name, score in decision.scores.items():
+            self.history[name].append([step, score])
+        chosen = tuple(dict.fromkeys(name for name in decision.chosen if name not in self.frozen))
+        released = [self._freeze(name, step) for name in chosen]
+        event = FreezeEvent(
+            step=step,
+            scores=dict(decision.scores),
+            threshold=decision.threshold,
+            frozen_now=chosen,
+            frozen_total=len(self.frozen),
+            frozen_prefix=self.frozen_prefix(),
+            parameters_released=sum(parameters for parameters, _ in released),
+            optimizer_bytes_released=sum(state_bytes for _, state_bytes in released),
         )
-        self.freeze(chosen, global_step)
-        return chosen
+        self.events.append(event)
+        return event
 
-    def score(self) -> dict[str, float]:
-        """Importance of every unit now, normalised so the top unit scores 1 (then smoothed)."""
-        if self.config.importance == "random":
-            raw = {u.name: float(torch.rand((), generator=self._generator)) for u in self.units}
-        else:
-            raw = {**self._raw, **self._cka_importance()}
-        self._raw = raw
-        top = max(raw.values())
-        normalised = {name: (value / top if top > 0 else 0.0) for name, value in raw.items()}
-        beta = self.config.smoothing
-        for name, value in normalised.items():
-            previous = self._smoothed.get(name)
-            self._smoothed[name] = value if previous is None else beta * previous + (1 - beta) * value
-        return dict(self._smoothed)
-
-    @torch.no_grad()
-    def _cka_importance(self) -> dict[str, float]:
-        was_training = self.model.training
-        self.model.eval()
-        device = next(self.model.parameters()).device
-        probe = {k: v.to(device) if torch.is_tensor(v) else v for k, v in self.probe.items()}
-        input_ids = probe.get("input_ids")
-        mask = probe.get("attention_mask")
-        if mask is None:
-            mask = torch.ones(input_ids.shape, dtype=torch.bool, device=device)
-        self._capture.units = [u for u in self.units if u.name not in self.merged]
-        try:
-            with self._capture.recording(mask.bool()):
-                self.model(**probe)
-        finally:
-            self.model.train(was_training)
-        return self._capture.unit_scores()
-
-    # -- freezing ---------------------------------------------------------------------
-    def freeze(self, names: list[str], global_step: int) -> None:
-        """Freeze these units for good: no grad, no gradient buffer, no optimizer state."""
-        by_name = {u.name: u for u in self.units}
-        for name in names:
-            if name in self.frozen:
-                continue
-            for param in by_name[name].parameters():
-                param.requires_grad_(False)
-                param.grad = None
-                if self.optimizer is not None:
-                    self.optimizer.state.pop(param, None)
-            self.frozen[name] = global_step
-            if self.config.merge_frozen:
-                merge_unit(by_name[name])
-                self.merged.add(name)
+    def _freeze(self, name: str, step: int) -> tuple[int, int]:
+        unit = next(u for u in self.units if u.name == name)
+        released = release(unit, self.optimizer)
+        self.frozen[name] = step
+        if self.config.merge_frozen:
+            merge_unit(unit)
+            self.merged.add(name)
+        return released
 
     def unmerge(self) -> None:
         """Take merged units out of the base weights again, leaving a plain PEFT model (frozen units stay frozen)."""
@@ -202,27 +233,26 @@ class SafeFreezer:
 
     # -- persistence ------------------------------------------------------------------
     def state_dict(self) -> dict:
+        """Decisions, history, events and the strategy's state (its keys at the top level, as before strategies)."""
         return {
             "config": self.config.to_dict(),
-            "warmup_steps": self.warmup_steps,
             "units": [u.name for u in self.units],
             "frozen": dict(self.frozen),
             "history": {name: [list(p) for p in points] for name, points in self.history.items()},
-            "smoothed": dict(self._smoothed),
-            "raw": dict(self._raw),
-            "generator": self._generator.get_state(),
+            "events": [{**asdict(event), "frozen_now": list(event.frozen_now)} for event in self.events],
+            **self.strategy.state_dict(),
         }
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore decisions and history, and re-freeze the frozen units' parameters."""
+        """Restore decisions, history and events, and re-freeze the frozen units' parameters."""
         names = [u.name for u in self.units]
         if state["units"] != names:
             raise ValueError(f"freezer state is for units {state['units']}, this model has {names}")
-        self.warmup_steps = state["warmup_steps"]
+        self.strategy.load_state_dict(state)
         self.history = {name: [list(p) for p in points] for name, points in state["history"].items()}
-        self._smoothed = dict(state["smoothed"])
-        self._raw = dict(state.get("raw", {}))
-        self._generator.set_state(state["generator"])
+        self.events = [
+            FreezeEvent(**{**event, "frozen_now": tuple(event["frozen_now"])}) for event in state.get("events", [])
+        ]
         self.frozen = {}
         for name, step in state["frozen"].items():
-            self.freeze([name], step)
+            self._freeze(name, step)

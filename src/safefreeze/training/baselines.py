@@ -1,9 +1,8 @@
 """The baselines SAFE is measured against, as freezing plans fixed before training.
 
-Each baseline decides *which* units to freeze *when* without looking at the model, and
-freezes them through ``SafeFreezer.freeze`` (one freezing code path: no grad, no
-gradient buffer, no optimizer state), so the loop, the measurement and the report are
-SAFE's own.
+Each baseline decides *which* units to freeze *when* without looking at the model: a
+plan (optimizer step → units) handed to ``SafeFreezer`` as its ``PlannedStrategy``
+(core/decisions.py). Freezing, events, the loop, the measurement and the report are SAFE's own.
 
 - ``random``      the importance ablation: at every step where a SAFE run froze n units,
   freeze n units drawn at random (seeded) among the still trainable ones. The counts come
@@ -26,53 +25,17 @@ from __future__ import annotations
 import json
 import math
 from collections import Counter
-from dataclasses import replace
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from safefreeze.core.config import ConfigError, SafeConfig
-from safefreeze.core.freezer import SafeFreezer
+from safefreeze.core.decisions import PlannedStrategy
 from safefreeze.core.units import AdapterUnit, find_units
 
 BASELINES = ("random", "adapterdrop", "freezeout")
 FREEZEOUT_T0 = 0.8
-
-
-class PlannedFreezer(SafeFreezer):
-    """A ``SafeFreezer`` that scores nothing and freezes the units of ``plan[step]`` at each step.
-
-    ``plan`` maps an optimizer step (0 = before training) to unit names. It reuses the
-    base class for unit discovery, diagnostics, ``freeze`` and persistence; its config is
-    only used for granularity, ``min_trainable`` and the seed (``importance`` is set to
-    ``random`` because no probe batch exists to score on).
-    """
-
-    def __init__(
-        self,
-        model: nn.Module,
-        config: SafeConfig,
-        plan: dict[int, list[str]],
-        optimizer: torch.optim.Optimizer | None = None,
-    ) -> None:
-        last = max(plan, default=0)
-        super().__init__(model, replace(config, importance="random", warmup_steps=max(1, last)), optimizer)
-        names = {u.name for u in self.units}
-        unknown = sorted({name for names_at in plan.values() for name in names_at} - names)
-        if unknown:
-            raise ValueError(f"plan names units this model does not have: {', '.join(unknown)}")
-        self.plan = {step: list(names_at) for step, names_at in plan.items() if names_at}
-        self.warmup_steps = last
-        self.freeze(self.plan.get(0, []), 0)
-
-    def is_due(self, global_step: int) -> bool:
-        return global_step >= 1 and global_step in self.plan
-
-    def step(self, global_step: int) -> list[str]:
-        chosen = [name for name in self.plan.get(global_step, []) if name not in self.frozen]
-        self.freeze(chosen, global_step)
-        return chosen
 
 
 def load_reference(path: str | Path) -> dict:
@@ -141,13 +104,10 @@ def _check_reference(reference: dict, config, units: list[AdapterUnit], total_st
         raise ConfigError(f"--reference froze units at step {last}, after this run's {total_steps} steps")
 
 
-def baseline_freezer(
-    config, safe: SafeConfig, model: nn.Module, optimizer: torch.optim.Optimizer, total_steps: int
-) -> PlannedFreezer:
-    """The ``PlannedFreezer`` for baseline ``config.method`` (``config`` is a ``TrainConfig``)."""
-    units = find_units(model, safe.granularity)
+def baseline_plan(config, safe: SafeConfig, units: list[AdapterUnit], total_steps: int) -> dict[int, list[str]]:
+    """The freezing plan of baseline ``config.method`` (``config`` is a ``TrainConfig``)."""
     if config.method == "freezeout":
-        return PlannedFreezer(model, safe, freezeout_plan(units, total_steps, safe.min_trainable), optimizer)
+        return freezeout_plan(units, total_steps, safe.min_trainable)
     blocks = sorted({u.block for u in units})
     reference = load_reference(config.reference) if config.reference else None
     if reference is not None:
@@ -155,8 +115,7 @@ def baseline_freezer(
     if config.method == "random":
         if reference is None:
             raise ConfigError("--method random needs --reference DIR, a SAFE run of the same model, dataset and seed")
-        plan = random_plan([u.name for u in units], freeze_counts(reference), config.seed)
-        return PlannedFreezer(model, safe, plan, optimizer)
+        return random_plan([u.name for u in units], freeze_counts(reference), config.seed)
     if config.drop_blocks is not None:
         drop = config.drop_blocks
     elif reference is not None:
@@ -167,4 +126,10 @@ def baseline_freezer(
         raise ConfigError(
             f"--drop-blocks {drop} leaves fewer than --min-trainable {safe.min_trainable} of the {len(blocks)} blocks"
         )
-    return PlannedFreezer(model, safe, adapterdrop_plan(units, drop), optimizer)
+    return adapterdrop_plan(units, drop)
+
+
+def planned_strategy(config, safe: SafeConfig, model: nn.Module, total_steps: int) -> PlannedStrategy:
+    """The ``PlannedStrategy`` of baseline ``config.method``, for ``SafeFreezer(..., strategy=...)``."""
+    units = find_units(model, safe.granularity)
+    return PlannedStrategy(baseline_plan(config, safe, units, total_steps), units)

@@ -6,9 +6,10 @@ here is the single-process identity, so the reference loop has one code path.
 
 How DDP and freezing are reconciled:
 
-- **Same decision everywhere.** Rank 0 scores the units on the probe; the scores are
-  broadcast and every rank applies the same threshold to them, so every rank freezes
-  the same units at the same step (``RankConsistentFreezer``).
+- **Same decision everywhere.** The freezer decides through ``Group.on_main``
+  (``SafeFreezer(..., decide_on=group.on_main)``): rank 0 scores the units on the probe
+  and chooses, the decision and the strategy's state are broadcast, and every rank
+  freezes the same units at the same step.
 - **DDP after a freeze.** DDP's reducer is built for the parameters that require grad
   when it is constructed and waits for all of their gradients in every backward; a
   frozen parameter never produces one, so the old wrapper would hang or fail. On every
@@ -37,7 +38,6 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from safefreeze.core.config import ConfigError
-from safefreeze.core.freezer import SafeFreezer
 
 T = TypeVar("T")
 _ENV = (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"))
@@ -176,20 +176,3 @@ class Replica:
 
     def __call__(self, *args, **kwargs):
         return self.module(*args, **kwargs)
-
-
-class RankConsistentFreezer(SafeFreezer):
-    """A ``SafeFreezer`` whose scores come from rank 0, so every rank freezes the same units at the same step.
-
-    Only rank 0 runs the probe forward; the others wait at the broadcast. Every rank
-    keeps the broadcast scores as its smoothed state, so all ranks hold the same state.
-    """
-
-    def __init__(self, group: Group, *args, **kwargs) -> None:
-        self.group = group
-        super().__init__(*args, **kwargs)
-
-    def score(self) -> dict[str, float]:
-        scores = self.group.on_main(super().score)
-        self._smoothed = dict(scores)
-        return scores

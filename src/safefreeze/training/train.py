@@ -31,7 +31,7 @@ from safefreeze.core.config import ConfigError, SafeConfig
 from safefreeze.core.freezer import SafeFreezer
 from safefreeze.core.units import find_blocks, find_units
 from safefreeze.training import checkpoint, distributed, faults
-from safefreeze.training.baselines import BASELINES, baseline_freezer
+from safefreeze.training.baselines import BASELINES, planned_strategy
 from safefreeze.training.checkpoint import Checkpoints, Progress
 from safefreeze.training.data import Collator, TaskData, check_task, encode, epoch_order, iterate_batches
 from safefreeze.training.datafiles import load_dataset
@@ -275,10 +275,10 @@ def train(
         probe_order = epoch_order(len(train_examples), config.seed, epoch=-1)[: safe.probe_size]
         probe = collate([train_examples[i] for i in probe_order])
         probe.pop("labels")
-        freezer_class = SafeFreezer if group.world_size == 1 else partial(distributed.RankConsistentFreezer, group)
-        freezer = freezer_class(model, safe, optimizer, probe=probe, total_steps=total_steps)
+        freezer = SafeFreezer(model, safe, optimizer, probe=probe, total_steps=total_steps, decide_on=group.on_main)
     elif config.method in BASELINES:
-        freezer = baseline_freezer(config, safe, model, optimizer, total_steps)
+        strategy = planned_strategy(config, safe, model, total_steps)
+        freezer = SafeFreezer(model, safe, optimizer, strategy=strategy, decide_on=group.on_main)
     blocks = find_blocks(model)
     scopes = {f"block.{i}": block for i, block in blocks.items()}
     cache = None
@@ -338,9 +338,9 @@ def train(
                 ddp_rebuild_seconds = None
                 if freezer is not None and freezer.is_due(step):
                     score_start = accounting.now(device)
-                    frozen_now = freezer.step(step)
+                    event = freezer.step(step)
                     run.scoring_seconds += accounting.now(device) - score_start
-                    if frozen_now and group.world_size > 1:  # DDP's reducer must forget the frozen parameters
+                    if event.frozen_now and group.world_size > 1:  # DDP's reducer must forget the frozen parameters
                         rebuild_start = accounting.now(device)
                         replica.rebuild()
                         ddp_rebuild_seconds = accounting.now(device) - rebuild_start

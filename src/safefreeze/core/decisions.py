@@ -1,0 +1,178 @@
+"""Decision strategies: when the freezer decides, and which units it freezes then.
+
+A strategy answers two questions for ``SafeFreezer``: is optimizer step ``t`` a decision
+step (``is_due``), and what is decided there (``decide`` → ``Decision``: the scores that
+were measured, the bar they were compared with, the units chosen). It never freezes
+anything itself: freezing is the freezer's, one code path for every strategy.
+
+- ``ScoredStrategy`` is SAFE. At every ``score_every``-th step of the warm-up (and at its
+  last step) the probe batch is run in eval mode without grad and each unit gets importance
+  ``s_u = 1 − CKA(X, Y)`` (mean over its modules), normalised by the largest among units
+  and smoothed by an EMA over measurements (``s ← β·s_prev + (1 − β)·s``). Trainable units
+  below the threshold ``T(t)`` (schedule.py) are chosen by the policy (policy.py), keeping
+  at least ``min_trainable`` units trainable. A merged unit (merge.py) can no longer be
+  measured from the forward, so its raw importance stays at its last measurement.
+- ``PlannedStrategy`` freezes the units of ``plan[t]`` at step ``t`` and measures nothing:
+  the freezing baselines (training/baselines.py). Step 0 means before the first step.
+
+Both keep their state in plain values (``state_dict``), so that under DDP the state rank 0
+reached by deciding can be handed to every rank with the decision.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from safefreeze.core.config import SafeConfig
+from safefreeze.core.policy import choose_units
+from safefreeze.core.schedule import threshold
+from safefreeze.core.units import AdapterUnit, FeatureCapture
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What a strategy decided at one step: the evidence (``scores``, ``threshold``) and the units to freeze."""
+
+    scores: dict[str, float]
+    threshold: float | None
+    chosen: tuple[str, ...]
+
+
+class DecisionStrategy(Protocol):
+    """What ``SafeFreezer`` asks of a strategy (``warmup_steps``: the last step it may freeze at)."""
+
+    warmup_steps: int
+
+    def is_due(self, step: int) -> bool: ...
+
+    def decide(self, step: int, frozen: Mapping[str, int], merged: set[str]) -> Decision: ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+class ScoredStrategy:
+    """SAFE's decisions: score every unit on the probe, compare with ``T(t)``, choose by the policy.
+
+    Args:
+        model: the model the units live in (run in eval mode on the probe).
+        config: the SAFE configuration.
+        units: the units to score, ordered from the input upwards.
+        probe: a fixed batch (dict of tensors the model's forward takes); may hold
+            ``attention_mask`` to drop padding rows. Required for ``importance="cka"``.
+        total_steps: the run's optimizer steps, needed when ``warmup_ratio`` sets the warm-up.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        config: SafeConfig,
+        units: list[AdapterUnit],
+        probe: dict[str, torch.Tensor] | None = None,
+        total_steps: int | None = None,
+    ) -> None:
+        if config.importance == "cka" and probe is None:
+            raise ValueError("SafeFreezer with importance='cka' needs a probe batch")
+        self.model = model
+        self.config = config
+        self.units = units
+        self.probe = probe
+        self.warmup_steps = config.resolve_warmup(total_steps)
+        self._raw: dict[str, float] = {}  # last un-normalised importance, kept for merged units
+        self._smoothed: dict[str, float] = {}
+        self._generator = torch.Generator().manual_seed(config.seed)
+        self._capture = FeatureCapture(units, config.probe_rows, config.seed)
+
+    def is_due(self, step: int) -> bool:
+        """Every ``score_every`` steps of the warm-up, and its last step."""
+        if step < 1 or step > self.warmup_steps:
+            return False
+        return step % self.config.score_every == 0 or step == self.warmup_steps
+
+    def decide(self, step: int, frozen: Mapping[str, int], merged: set[str]) -> Decision:
+        """Score, take the bar ``T(step)``, and choose at most ``trainable − min_trainable`` units below it."""
+        scores = self.score(merged)
+        bar = threshold(step, self.warmup_steps, self.config.tau, self.config.schedule)
+        budget = max(0, sum(u.name not in frozen for u in self.units) - self.config.min_trainable)
+        chosen = choose_units(self.units, frozen, scores, bar, budget, self.config.policy, self.config.resource_weight)
+        return Decision(scores, bar, tuple(chosen))
+
+    def score(self, merged: set[str] = frozenset()) -> dict[str, float]:
+        """Importance of every unit now, normalised so the top unit scores 1 (then smoothed)."""
+        if self.config.importance == "random":
+            raw = {u.name: float(torch.rand((), generator=self._generator)) for u in self.units}
+        else:
+            raw = {**self._raw, **self._cka_importance(merged)}
+        self._raw = raw
+        top = max(raw.values())
+        normalised = {name: (value / top if top > 0 else 0.0) for name, value in raw.items()}
+        beta = self.config.smoothing
+        for name, value in normalised.items():
+            previous = self._smoothed.get(name)
+            self._smoothed[name] = value if previous is None else beta * previous + (1 - beta) * value
+        return dict(self._smoothed)
+
+    @torch.no_grad()
+    def _cka_importance(self, merged: set[str]) -> dict[str, float]:
+        was_training = self.model.training
+        self.model.eval()
+        device = next(self.model.parameters()).device
+        probe = {k: v.to(device) if torch.is_tensor(v) else v for k, v in self.probe.items()}
+        input_ids = probe.get("input_ids")
+        mask = probe.get("attention_mask")
+        if mask is None:
+            mask = torch.ones(input_ids.shape, dtype=torch.bool, device=device)
+        self._capture.units = [u for u in self.units if u.name not in merged]
+        try:
+            with self._capture.recording(mask.bool()):
+                self.model(**probe)
+        finally:
+            self.model.train(was_training)
+        return self._capture.unit_scores()
+
+    def state_dict(self) -> dict:
+        return {
+            "warmup_steps": self.warmup_steps,
+            "smoothed": dict(self._smoothed),
+            "raw": dict(self._raw),
+            "generator": self._generator.get_state(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.warmup_steps = state["warmup_steps"]
+        self._smoothed = dict(state["smoothed"])
+        self._raw = dict(state.get("raw", {}))
+        self._generator.set_state(state["generator"])
+
+
+class PlannedStrategy:
+    """Freeze the units of ``plan[step]`` at each step of the plan (step 0: before training); measure nothing.
+
+    Raises:
+        ValueError: the plan names units ``units`` does not hold.
+    """
+
+    def __init__(self, plan: Mapping[int, list[str]], units: list[AdapterUnit]) -> None:
+        unknown = sorted({name for names in plan.values() for name in names} - {u.name for u in units})
+        if unknown:
+            raise ValueError(f"plan names units this model does not have: {', '.join(unknown)}")
+        self.plan = {step: tuple(names) for step, names in plan.items() if names}
+        self.warmup_steps = max(plan, default=0)
+
+    def is_due(self, step: int) -> bool:
+        return step in self.plan
+
+    def decide(self, step: int, frozen: Mapping[str, int], merged: set[str]) -> Decision:
+        return Decision({}, None, tuple(name for name in self.plan.get(step, ()) if name not in frozen))
+
+    def state_dict(self) -> dict:
+        return {"warmup_steps": self.warmup_steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.warmup_steps = state["warmup_steps"]
