@@ -274,3 +274,10 @@ def test_decide_on_applies_the_deciding_freezers_decision_everywhere(lora_minilm
     assert states[0] == states[1]  # smoothed and raw scores too: any rank's checkpoint resumes alike
     for unit in other.units:
         assert all(p.requires_grad == (unit.name not in main.frozen) for p in unit.parameters())
+
+
+def test_auto_cadence_and_smoothing_follow_the_warm_up(lora_minilm):
+    config = SafeConfig(importance="random", score_every="auto", smoothing="auto", warmup_ratio=0.5)
+    freezer = SafeFreezer(lora_minilm(), config, total_steps=48)  # W = 24: every 24 // 12 = 2 steps
+    assert [s for s in range(1, 30) if freezer.is_due(s)] == list(range(2, 25, 2))
+    assert freezer.strategy.smoothing == pytest.approx(0.5 ** (2 / (0.16 * 24)))

@@ -89,11 +89,21 @@ class ScoredStrategy:
         self._generator = torch.Generator().manual_seed(config.seed)
         self._capture = FeatureCapture(units, config.probe_rows, config.seed)
 
+    @property
+    def score_every(self) -> int:
+        """Steps between measurements (``config.score_every``, or derived from the warm-up when ``auto``)."""
+        return self.config.resolve_score_every(self.warmup_steps)
+
+    @property
+    def smoothing(self) -> float:
+        """EMA weight β per measurement (``config.smoothing``, or derived from the warm-up when ``auto``)."""
+        return self.config.resolve_smoothing(self.warmup_steps)
+
     def is_due(self, step: int) -> bool:
         """Every ``score_every`` steps of the warm-up, and its last step."""
         if step < 1 or step > self.warmup_steps:
             return False
-        return step % self.config.score_every == 0 or step == self.warmup_steps
+        return step % self.score_every == 0 or step == self.warmup_steps
 
     def decide(self, step: int, frozen: Mapping[str, int], merged: set[str]) -> Decision:
         """Score, take the bar ``T(step)``, and choose at most ``trainable − min_trainable`` units below it."""
@@ -112,7 +122,7 @@ class ScoredStrategy:
         self._raw = raw
         top = max(raw.values())
         normalised = {name: (value / top if top > 0 else 0.0) for name, value in raw.items()}
-        beta = self.config.smoothing
+        beta = self.smoothing
         for name, value in normalised.items():
             previous = self._smoothed.get(name)
             self._smoothed[name] = value if previous is None else beta * previous + (1 - beta) * value
