@@ -1,7 +1,11 @@
+import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 from safefreeze.core import accounting
+from safefreeze.core.checkpointing import checkpoint_blocks
 
 
 def test_attention_counts_the_same_with_and_without_dropout():
@@ -18,3 +22,102 @@ def test_attention_counts_the_same_with_and_without_dropout():
             out.sum().backward()
         assert counter.get_total_flops() > 0
     assert forward[0.0] == forward[0.1] == 2 * (2 * batch * heads * length * length * dim)
+
+
+class MLPBlock(GradientCheckpointingLayer):
+    """x ↦ x + W₂·relu(W₁·x), W₁: d → 4d. Autograd saves x (for W₁'s gradient) and h = relu(W₁x),
+    4× wider (for relu's and W₂'s gradients): 5·B bytes per block, B = N·d·4 for N rows in float32."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.up = nn.Linear(width, 4 * width)
+        self.down = nn.Linear(4 * width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.down(torch.relu(self.up(x)))
+
+
+class Stack(nn.Module):
+    def __init__(self, depth: int, width: int) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(MLPBlock(width) for _ in range(depth))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x)
+        return x.sum()  # saves nothing
+
+
+ROWS, WIDTH, DEPTH = 8, 16, 4
+B = ROWS * WIDTH * 4
+
+
+def _stack_step(checkpointed, frozen: int):
+    """One forward+backward of the stack with blocks 0..frozen-1 frozen: (saved record, FLOPs).
+
+    FLOPs are counted in the same step: counting must not keep anything alive longer
+    (PyTorch's per-module FLOP breakdown kept recomputed autograd nodes in reference cycles).
+    """
+    torch.manual_seed(0)
+    model = Stack(DEPTH, WIDTH)
+    for block in model.layers[:frozen]:
+        block.requires_grad_(False)
+    checkpoint_blocks(model, checkpointed)
+    scopes = {f"block.{i}": block for i, block in enumerate(model.layers)}
+    with accounting.record_saved_tensors(model, scopes) as saved, accounting.flop_counter() as counter:
+        model(torch.randn(ROWS, WIDTH)).backward()
+    return saved, counter.get_total_flops()
+
+
+@pytest.mark.parametrize("frozen", [0, 2])
+def test_peak_is_the_closed_form_without_checkpointing(frozen):
+    """Each trainable block keeps 5B; nothing is released before backward, so the peak is the forward's total."""
+    saved, _ = _stack_step((), frozen)
+    assert saved.bytes == saved.peak_bytes == 5 * B * (DEPTH - frozen)
+    assert [saved.count_by_scope[f"block.{i}"] for i in range(frozen)] == [0] * frozen
+
+
+@pytest.mark.parametrize("frozen", [0, 2])
+def test_peak_counts_the_recomputation_of_checkpointed_blocks(frozen):
+    """Every block checkpointed keeps only its input x (B) through the forward; in backward the top block is
+    recomputed (+4B for h; x is already held) while every trainable block's input is still stored.
+    The frozen prefix is skipped: neither stored nor recomputed."""
+    trainable = DEPTH - frozen
+    saved, _ = _stack_step(range(DEPTH), frozen)
+    assert saved.bytes == trainable * B
+    assert saved.peak_bytes == (trainable + 4) * B
+    assert dict(saved.recomputed_bytes_by_scope) == {f"block.{i}": 5 * B for i in range(frozen, DEPTH)}
+    assert dict(saved.recomputed_live_bytes_by_scope) == {f"block.{i}": 4 * B for i in range(frozen, DEPTH)}
+    assert all(saved.count_by_scope[f"block.{i}"] == 0 for i in range(frozen))
+
+
+def test_peak_of_a_checkpointed_top_comes_in_backward():
+    """Blocks 2, 3 checkpointed: the forward ends with 5B + 5B + B + B live; when backward reaches block 3,
+    block 3's recomputation (4B) comes on top of everything below it: 5B + 5B + B + B + 4B."""
+    saved, _ = _stack_step((2, 3), 0)
+    assert saved.bytes == 12 * B
+    assert saved.peak_bytes == 16 * B
+
+
+@pytest.mark.parametrize("frozen", [0, 2])
+def test_flops_include_the_recomputation(frozen):
+    """Forward: 2 matmuls of 2·N·d·4d per block. Backward: twice that, less W₁'s input gradient in the lowest
+    trainable block (its input needs none). Recomputation stops at the block's last saved tensor (W₂'s input),
+    so it repeats W₁'s matmul only: + 2·N·d·4d per checkpointed trainable block."""
+    matmul = 2 * ROWS * WIDTH * 4 * WIDTH
+    trainable = DEPTH - frozen
+    plain = DEPTH * 2 * matmul + trainable * 4 * matmul - matmul
+    assert _stack_step((), frozen)[1] == plain
+    assert _stack_step(range(DEPTH), frozen)[1] == plain + trainable * matmul
+
+
+def test_memory_peaks_are_those_of_the_block():
+    size = 256 * 2**20
+    with accounting.record_memory_peaks(torch.device("cpu")) as big:
+        tensor = torch.ones(size // 4)
+        del tensor
+    with accounting.record_memory_peaks(torch.device("cpu")) as small:
+        torch.ones(1)
+    assert big.cuda_bytes is None and small.cuda_bytes is None
+    assert big.resident_bytes >= size
+    assert small.resident_bytes < big.resident_bytes - size // 2  # the peak was reset (Linux clear_refs)
