@@ -3,6 +3,7 @@ safe_state.json beside it holds SAFE's decisions. The run uses a local copy of t
 
 from __future__ import annotations
 
+import copy
 import csv
 import json
 import shutil
@@ -14,7 +15,7 @@ from transformers import AutoModelForSequenceClassification
 
 from safefreeze import SafeConfig, SafeFreezer
 from safefreeze.analysis.report import write_run
-from safefreeze.core.state import STATE_NAME, load_freezer_state, read_state
+from safefreeze.core.state import STATE_NAME, load_freezer_state, read_state, save_state_with_model
 from safefreeze.training.data import Collator
 from safefreeze.training.train import TrainConfig, evaluate, prepare, train
 
@@ -86,3 +87,20 @@ def test_safe_state_sits_beside_the_adapter(run, trec_batch):
     assert restored.frozen == freezer.frozen
     assert [u.name for u in restored.trainable_units] == [u.name for u in freezer.trainable_units]
     assert all(not p.requires_grad for u in restored.units if u.name in restored.frozen for p in u.parameters())
+
+
+def test_save_pretrained_writes_the_state_beside_the_adapter(lora_minilm, trec_batch, tmp_path):
+    """``save_state_with_model``: every save of this model (not of a copy) carries the freezer's state."""
+    model = lora_minilm()
+    probe = {k: v for k, v in trec_batch(8).items() if k != "labels"}
+    freezer = SafeFreezer(model, SAFE, probe=probe, total_steps=4)
+    freezer.freeze(["block.0"], 1)
+    save_state_with_model(model, freezer)
+    model.save_pretrained(tmp_path / "adapter")
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").exists()
+    assert read_state(tmp_path / "adapter")["frozen"] == {"block.0": 1}
+    model.save_pretrained(tmp_path / "other-rank", is_main_process=False)
+    assert not (tmp_path / "other-rank" / STATE_NAME).exists()
+    copy.deepcopy(model).save_pretrained(tmp_path / "copy")
+    assert (tmp_path / "copy" / "adapter_model.safetensors").exists()
+    assert not (tmp_path / "copy" / STATE_NAME).exists()  # the copy is not the model the freezer trains

@@ -1,14 +1,18 @@
-"""SafeCallback in a real transformers Trainer on MiniLM + LoRA: freezing, logging, resume, checkpointing.
+"""SafeCallback in a real transformers Trainer on MiniLM + LoRA: freezing, logging, saving, resume, checkpointing.
 
-Random importance (seed 3) fixes which units freeze, so the mechanics are tested on a known
-outcome: blocks 0-3 and 5 frozen, block 4 trainable, a frozen prefix of 4 blocks. CKA
-scoring itself is exercised in the checkpointing tests and in test_units/test_freezer.
+The Trainer is a user's subclass (it overrides ``compute_loss`` and ``log``, as TRL's trainers
+do): the callback attaches through the callback arguments alone. Random importance (seed 3)
+fixes which units freeze, so the mechanics are tested on a known outcome: blocks 0-3 and 5
+frozen, block 4 trainable, a frozen prefix of 4 blocks. CKA scoring itself is exercised in
+the checkpointing tests and in tests/core.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -17,14 +21,27 @@ from transformers import DataCollatorWithPadding, Trainer, TrainerCallback, Trai
 from safefreeze import SafeCallback, SafeConfig
 from safefreeze.core.accounting import record_saved_tensors
 from safefreeze.core.freezer import input_require_grads_hooks
+from safefreeze.core.state import STATE_NAME, read_state
 from safefreeze.core.units import find_blocks
 from safefreeze.training.models import add_lora, load_model
 
 SAFE = {"importance": "random", "seed": 3, "tau": 1.0, "warmup_steps": 4, "score_every": 2, "probe_size": 8}
 
 
+class CustomTrainer(Trainer):
+    """A user's subclass: its own loss call and its own log values (as TRL's trainers add theirs)."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    def log(self, logs, start_time=None):
+        if "loss" in logs:
+            logs["custom/examples_seen"] = self.state.global_step * self.args.per_device_train_batch_size
+        super().log(logs, start_time)
+
+
 class LogRecorder(TrainerCallback):
-    """Stands in for a report_to integration: placed before SafeCallback, it must still get SAFE's records."""
+    """A reporting-style callback (what a report_to integration does with ``logs``), listed after SafeCallback."""
 
     def __init__(self) -> None:
         self.logs: list[dict] = []
@@ -66,7 +83,7 @@ def _trainer(model, tokenizer, examples, out, callbacks, **overrides) -> Trainer
         **overrides,
     }
     collator = DataCollatorWithPadding(tokenizer)
-    return Trainer(
+    return CustomTrainer(
         model=model, args=TrainingArguments(**args), train_dataset=examples, data_collator=collator, callbacks=callbacks
     )
 
@@ -77,16 +94,34 @@ def _adapter_weights(model) -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def trained(minilm_source, minilm_tokenizer, trec_task, trec_examples, tmp_path_factory):
-    """Six Trainer steps with SafeCallback, a checkpoint at step 3."""
+    """Six Trainer steps with SafeCallback (measurements at steps 2 and 4), a log record and a checkpoint
+    every 3 steps, the model saved at the end; and the same run without SAFE."""
     out = tmp_path_factory.mktemp("trainer")
     safe = SafeCallback(SafeConfig(**SAFE))
     logs, snapshots = LogRecorder(), FreezeSnapshots(safe)
     model = _lora_model(minilm_source, len(trec_task.labels))
     trainer = _trainer(
-        model, minilm_tokenizer, trec_examples[:64], out, [logs, safe, snapshots], save_strategy="steps", save_steps=3
+        model,
+        minilm_tokenizer,
+        trec_examples[:64],
+        out,
+        [safe, logs, snapshots],
+        logging_steps=3,
+        save_strategy="steps",
+        save_steps=3,
     )
     trainer.train()
-    return {"trainer": trainer, "safe": safe, "logs": logs, "snapshots": snapshots, "out": out}
+    trainer.save_model(str(out / "final"))
+    plain = _trainer(
+        _lora_model(minilm_source, len(trec_task.labels)),
+        minilm_tokenizer,
+        trec_examples[:64],
+        out / "plain",
+        [],
+        logging_steps=3,
+    )
+    plain.train()
+    return {"trainer": trainer, "safe": safe, "logs": logs, "snapshots": snapshots, "out": out, "plain": plain}
 
 
 def test_callback_freezes_with_trainer_optimizer(trained):
@@ -107,16 +142,42 @@ def test_callback_freezes_with_trainer_optimizer(trained):
     assert set(trained["snapshots"].at_freeze) == set(freezer.frozen)
 
 
-def test_callback_logs_through_trainer(trained):
+def test_trainer_records_are_those_of_a_run_without_safe(trained):
+    """No record lost, added or moved: the same records at the same steps, each with the Trainer's own keys."""
+    with_safe, without = trained["trainer"].state.log_history, trained["plain"].state.log_history
+    assert [record["step"] for record in with_safe] == [record["step"] for record in without] == [3, 6, 6]
+    for record, plain in zip(with_safe, without, strict=True):
+        assert set(plain) <= set(record)
+        assert {key for key in set(record) - set(plain) if not key.startswith("safe/")} == set()
+    assert with_safe[0]["loss"] == without[0]["loss"]  # step 3's loss is averaged over steps 1-3, before any effect
+    assert "custom/examples_seen" in with_safe[0]  # the subclass's own log values are kept
+
+
+def test_safe_values_ride_on_the_next_trainer_record(trained):
+    """Measured at steps 2 and 4, SAFE's values reach log_history and a reporting callback at steps 3 and 6."""
     freezer = trained["safe"].freezer
-    safe_logs = [log for log in trained["logs"].logs if "safe/frozen_units" in log]
-    assert [log["safe/frozen_units"] for log in safe_logs][-1] == len(freezer.frozen)
-    assert len(safe_logs) == 2  # measured at steps 2 and 4
-    assert safe_logs[-1]["safe/threshold"] == pytest.approx(1.0)
-    assert safe_logs[-1]["safe/frozen_prefix_blocks"] == 4
-    assert safe_logs[0]["safe/importance/block.0"] == freezer.history["block.0"][0][1]
-    history = [log for log in trained["trainer"].state.log_history if "safe/frozen_units" in log]
-    assert [log["step"] for log in history] == [2, 4]
+    history = trained["trainer"].state.log_history
+    assert [record.get("safe/event_step") for record in history] == [2, 4, None]
+    first, second = history[0], history[1]
+    assert first["safe/importance/block.0"] == freezer.history["block.0"][0][1]
+    assert {key.removeprefix("safe/importance/") for key in first if "importance" in key} == set(freezer.history)
+    assert second["safe/threshold"] == pytest.approx(1.0)
+    assert second["safe/frozen_units"] == len(freezer.frozen) == 5
+    assert second["safe/frozen_prefix_blocks"] == 4
+    assert first["safe/frozen_units"] == sum(step <= 2 for step in freezer.frozen.values())
+    reported = trained["logs"].logs  # what the reporting callback received: the records without "step"
+    assert reported == [{k: v for k, v in record.items() if k != "step"} for record in history]
+
+
+def test_save_model_writes_safe_state_beside_the_adapter(trained):
+    freezer = trained["safe"].freezer
+    final = trained["out"] / "final"
+    assert (final / "adapter_model.safetensors").exists()
+    state = read_state(final)
+    assert state["frozen"] == freezer.frozen
+    assert state["history"] == freezer.history
+    assert [event["step"] for event in state["events"]] == [2, 4]
+    assert not (trained["out"] / "plain" / STATE_NAME).exists()
 
 
 def test_frozen_prefix_saves_activations(trained, minilm_source, trec_task, trec_batch):
@@ -150,6 +211,18 @@ def test_resume_from_checkpoint_restores_freezer(trained, minilm_source, minilm_
     assert safe.freezer.history == original.history
     after, before = _adapter_weights(model), _adapter_weights(trained["trainer"].model)
     assert all(torch.equal(after[name], before[name]) for name in before)
+
+
+def test_import_leaves_the_trainer_machinery_unloaded():
+    """``import safefreeze`` (the algorithm and the callback's name) does not load transformers' Trainer."""
+    code = (
+        "import sys, safefreeze\n"
+        "print(sorted(m for m in ('transformers.trainer', 'transformers.trainer_callback') if m in sys.modules))\n"
+        "safefreeze.SafeCallback\n"
+        "print('transformers.trainer_callback' in sys.modules)"
+    )
+    lines = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert lines == ["[]", "True"]
 
 
 def _block_inputs_requiring_grad(model, batch) -> list[bool]:

@@ -1,15 +1,34 @@
-"""``SafeCallback``: SAFE inside a transformers ``Trainer``, added with one line.
+"""``SafeCallback``: SAFE inside a transformers ``Trainer`` (or any subclass, such as TRL's), added with one line.
 
     trainer = Trainer(model=peft_model, args=args, train_dataset=train, data_collator=collator,
                       callbacks=[SafeCallback(SafeConfig(tau=0.1))])
 
-``on_train_begin`` builds a ``SafeFreezer`` (the same component the reference loop uses)
-with the Trainer's optimizer, so freezing releases AdamW state there; a probe of
-``probe_size`` training examples drawn (seeded) from the train dataset and collated by the
-Trainer's own collator; and ``state.max_steps`` as the run length. ``on_step_end`` calls
-``freezer.step(global_step)`` after every optimizer step. Each measurement (importance of
-every unit, the threshold, how many units and bottom blocks are frozen) is logged as a
-Trainer log record, so it reaches TensorBoard, W&B ... through ``report_to``.
+The callback attaches through what transformers hands every callback, nothing else:
+``on_train_begin`` receives the model, the optimizer and the train dataloader and builds a
+``SafeFreezer`` (the component the reference loop uses) with that optimizer, so freezing
+releases AdamW state there; a probe of ``probe_size`` training examples drawn (seeded)
+from the dataloader's dataset and collated by its collator (probe.py); and
+``state.max_steps`` as the run length. ``on_step_end`` calls ``freezer.step(global_step)``
+after every optimizer step and gets a ``FreezeEvent`` on the steps that decide.
+
+Logging: a callback cannot start a log record of its own without losing the Trainer's
+(the callback handler's ``on_log`` resets ``control.should_log``), so SAFE's values from
+the latest event ride on the Trainer's next log record: ``on_log`` adds them to ``logs``
+and to that record in ``state.log_history``. Trainer records keep their steps and
+values; SAFE's values appear at the Trainer's logging steps. transformers calls the
+``report_to`` integrations before any user callback, so they have written the record
+before SAFE adds to it: to chart SAFE's values, list the integration's callback after
+``SafeCallback`` (README, "Use with transformers Trainer").
+
+Saving: ``save_state_with_model`` (state.py) makes the model's ``save_pretrained`` write
+``safe_state.json`` beside the adapter, which covers ``trainer.save_model()`` (no callback
+event tells of it), every checkpoint and a direct ``model.save_pretrained``.
+
+DDP: a parameter frozen after DDP wrapped the model never gets its gradient, and DDP's
+reducer fails at the next step unless it looks for unused parameters each step; the
+Trainer wrapped the model before any callback runs, so SAFE refuses, before training,
+DDP without ``ddp_find_unused_parameters`` or with ``ddp_static_graph``. Under DDP rank 0
+decides and every rank applies its decision (``Group.on_main``).
 
 Gradient checkpointing: transformers turns it on with ``enable_input_require_grads``,
 whose hook makes the embeddings' output require grad, so every block stays in the
@@ -22,35 +41,33 @@ frozen, warns with what the hook costs, measured on the probe.
 
 Resuming: the freezer's state is saved in the checkpoint's ``trainer_state.json``
 (``ExportableState``), so ``trainer.train(resume_from_checkpoint=...)`` restores frozen
-units, scores and schedule wherever the checkpoint lies; ``on_save`` also writes
-``safe_state.json`` beside the checkpoint's adapter (state.py).
+units, scores and schedule wherever the checkpoint lies.
 """
 
 from __future__ import annotations
 
 import functools
-import inspect
-import itertools
 import logging
 import warnings
-from pathlib import Path
+from collections.abc import Sized
 
 import torch
+import torch.distributed as dist
 from torch import nn
-from transformers import TrainerCallback
-from transformers.trainer_callback import CallbackHandler, ExportableState
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers import PreTrainedModel, TrainerCallback, TrainingArguments
+from transformers.trainer_callback import ExportableState
+from transformers.training_args import ParallelMode
 
 from safefreeze.core.accounting import record_saved_tensors
-from safefreeze.core.config import SafeConfig
-from safefreeze.core.freezer import SafeFreezer, input_require_grads_hooks
-from safefreeze.core.schedule import threshold
-from safefreeze.core.state import freezer_state, load_freezer_state, write_state
+from safefreeze.core.config import ConfigError, SafeConfig
+from safefreeze.core.freezer import FreezeEvent, SafeFreezer, input_require_grads_hooks
+from safefreeze.core.probe import draw_probe
+from safefreeze.core.state import freezer_state, load_freezer_state, save_state_with_model
 from safefreeze.core.units import find_blocks
+from safefreeze.training.distributed import Group
 
 logger = logging.getLogger(__name__)
 
-LABEL_KEYS = ("labels", "label", "label_ids")
 MIB = 2**20
 
 
@@ -85,32 +102,49 @@ def untangle_checkpointing(model: nn.Module) -> list[str]:
     return changes
 
 
-def draw_probe(dataloader, size: int, seed: int) -> dict[str, torch.Tensor]:
-    """``size`` training examples (a seeded draw) collated by the dataloader's own collator, labels dropped."""
-    dataset = dataloader.dataset
-    if hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__"):
-        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:size]
-        examples = [dataset[i] for i in order.tolist()]
-    else:
-        examples = list(itertools.islice(iter(dataset), size))
-    batch = dataloader.collate_fn(examples)
-    return {key: value for key, value in batch.items() if torch.is_tensor(value) and key not in LABEL_KEYS}
+def check_ddp(args: TrainingArguments, model: nn.Module) -> None:
+    """Refuse a DDP run whose wrapper cannot lose parameters mid-training (module docstring).
 
+    transformers decides ``find_unused_parameters`` as in ``Trainer.create_accelerator_and_postprocess``:
+    the argument if given, else True except for a ``PreTrainedModel`` with activation checkpointing.
 
-def _calling_handler() -> CallbackHandler | None:
-    """The ``CallbackHandler`` dispatching the current event, found on the call stack.
-
-    Callbacks get no handle on the Trainer, and the reporting callbacks (TensorBoard, W&B ...)
-    run before user callbacks, so keys added to ``logs`` in ``on_log`` would reach them too
-    late: SAFE's records are dispatched as log events of their own through the handler.
+    Raises:
+        ConfigError: DDP without unused-parameter detection, or with a static graph.
     """
-    frame = inspect.currentframe()
-    while frame is not None:
-        candidate = frame.f_locals.get("self")
-        if isinstance(candidate, CallbackHandler):
-            return candidate
-        frame = frame.f_back
-    return None
+    if args.parallel_mode != ParallelMode.DISTRIBUTED or args.world_size < 2 or args.fsdp or args.deepspeed:
+        return
+    find_unused = args.ddp_find_unused_parameters
+    if find_unused is None:
+        checkpointing = getattr(model, "is_activation_checkpointing", False) or args.activation_checkpointing
+        find_unused = not (isinstance(model, PreTrainedModel) and checkpointing)
+    if not find_unused:
+        raise ConfigError(
+            "SAFE freezes adapters during training and DDP then fails unless it looks for unused parameters: "
+            "set TrainingArguments(ddp_find_unused_parameters=True)"
+        )
+    if args.ddp_static_graph:
+        raise ConfigError(
+            "SAFE freezes adapters during training, which changes the graph DDP's static_graph assumes fixed: "
+            "set TrainingArguments(ddp_static_graph=False)"
+        )
+
+
+def event_logs(event: FreezeEvent) -> dict[str, float]:
+    """The log values of one freeze event: each unit's importance, the threshold, frozen units and bottom blocks."""
+    logs = {f"safe/importance/{name}": score for name, score in event.scores.items()}
+    if event.threshold is not None:
+        logs["safe/threshold"] = event.threshold
+    logs["safe/frozen_units"] = event.frozen_total
+    logs["safe/frozen_prefix_blocks"] = event.frozen_prefix
+    logs["safe/event_step"] = event.step
+    return logs
+
+
+def _decide_on(fn):
+    """Run a freeze decision on rank 0 and hand it to every rank (the identity in one process)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return fn()
+    return Group(dist.get_rank(), dist.get_world_size()).on_main(fn)
 
 
 class SafeCallback(TrainerCallback, ExportableState):
@@ -121,23 +155,34 @@ class SafeCallback(TrainerCallback, ExportableState):
         fix_checkpointing: remove the input-require-grads hook and make checkpointing
             non-reentrant (default); if False, only warn with the measured cost.
 
-    After training, ``callback.freezer`` holds the decisions and score history.
+    After training, ``callback.freezer`` holds the decisions, ``freezer.events`` every freeze event.
+
+    Raises:
+        ConfigError: at train begin, under DDP that cannot lose parameters (``check_ddp``).
     """
 
     def __init__(self, config: SafeConfig | dict | None = None, fix_checkpointing: bool = True) -> None:
         self.config = config if isinstance(config, SafeConfig) else SafeConfig.from_dict(config or {})
         self.fix_checkpointing = fix_checkpointing
         self.freezer: SafeFreezer | None = None
-        self._handler: CallbackHandler | None = None
+        self._unlogged: dict[str, float] = {}  # SAFE's values waiting for the Trainer's next log record
         self._warned_hook_cost = False
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, train_dataloader=None, **kwargs):
-        self._handler = _calling_handler()
+        check_ddp(args, model)
         if self.fix_checkpointing:
             for change in untangle_checkpointing(model):
                 logger.warning("SAFE: %s so that frozen blocks leave the backward pass", change)
-        probe = draw_probe(train_dataloader, self.config.probe_size, self.config.seed)
-        self.freezer = SafeFreezer(model, self.config, optimizer, probe=probe, total_steps=state.max_steps)
+        dataset = train_dataloader.dataset
+        order = None
+        if isinstance(dataset, Sized) and hasattr(dataset, "__getitem__"):
+            generator = torch.Generator().manual_seed(self.config.seed)
+            order = torch.randperm(len(dataset), generator=generator).tolist()
+        probe = draw_probe(dataset, train_dataloader.collate_fn, self.config.probe_size, order)
+        self.freezer = SafeFreezer(
+            model, self.config, optimizer, probe=probe, total_steps=state.max_steps, decide_on=_decide_on
+        )
+        save_state_with_model(model, self.freezer)
         saved = (state.stateful_callbacks or {}).get(type(self).__name__)
         saved = saved[0] if isinstance(saved, list) else saved
         if state.global_step > 0 and saved and saved.get("freezer"):
@@ -145,26 +190,26 @@ class SafeCallback(TrainerCallback, ExportableState):
             logger.info("SAFE: resumed at step %d with %d frozen units", state.global_step, len(self.freezer.frozen))
 
     def on_step_end(self, args, state, control, **kwargs):
-        step = state.global_step
-        if self.freezer is None or not self.freezer.is_due(step):
-            return control
-        frozen_now = self.freezer.step(step)
-        logs = {
-            f"safe/importance/{name}": points[-1][1]
-            for name, points in self.freezer.history.items()
-            if points and points[-1][0] == step
-        }
-        logs["safe/threshold"] = threshold(step, self.freezer.warmup_steps, self.config.tau, self.config.schedule)
-        logs["safe/frozen_units"] = len(self.freezer.frozen)
-        logs["safe/frozen_prefix_blocks"] = self.freezer.frozen_prefix()
-        if frozen_now:
-            logger.info("SAFE: froze %s at step %d", ", ".join(frozen_now), step)
-        state.log_history.append({**logs, "step": step})
-        if self._handler is not None:
-            control = self._handler.on_log(args, state, control, logs)
-        if not self.fix_checkpointing and not self._warned_hook_cost and self.freezer.frozen_prefix() > 0:
+        event = self.freezer.step(state.global_step) if self.freezer is not None else None
+        if event is None:
+            return
+        self._unlogged.update(event_logs(event))
+        if event.frozen_now:
+            logger.info("SAFE: froze %s at step %d", ", ".join(event.frozen_now), event.step)
+        if not self.fix_checkpointing and not self._warned_hook_cost and event.frozen_prefix > 0:
             self._warn_hook_cost()
-        return control
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        """Add SAFE's waiting values to this record: to ``logs`` and to its entry in ``state.log_history``."""
+        if not self._unlogged or logs is None:
+            return
+        logs.update(self._unlogged)
+        record = state.log_history[-1] if state.log_history else None
+        if record is not None and record.get("step") == state.global_step:
+            record.update(self._unlogged)  # Trainer.log appended {**logs, "step"} just before calling on_log
+        else:
+            state.log_history.append({**self._unlogged, "step": state.global_step})
+        self._unlogged = {}
 
     def _warn_hook_cost(self) -> None:
         """Measure on the probe what the input-require-grads hook keeps in the frozen prefix, and warn once."""
@@ -199,13 +244,6 @@ class SafeCallback(TrainerCallback, ExportableState):
             f"instead of {needed / MIB:.2f} MiB; use SafeCallback(fix_checkpointing=True) to release it",
             stacklevel=2,
         )
-
-    def on_save(self, args, state, control, **kwargs):
-        if self.freezer is not None and state.is_world_process_zero:
-            checkpoint = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
-            if checkpoint.is_dir():
-                write_state(self.freezer, checkpoint)
-        return control
 
     def state(self) -> dict:
         """What ``trainer_state.json`` keeps of this callback (transformers' ``ExportableState``)."""
