@@ -7,8 +7,8 @@ couple of minutes:
     python examples/trainer_callback.py --max-steps 60
     python examples/trainer_callback.py --max-steps 60 --no-safe   # the same run without SAFE
 
-It prints the accuracy, the frozen units, and writes the adapter (loadable with plain
-``PeftModel.from_pretrained``) with SAFE's ``safe_state.json`` beside it.
+It prints the accuracy and the frozen units; ``trainer.save_model`` writes the adapter
+(loadable with plain ``PeftModel.from_pretrained``) and, with SAFE, ``safe_state.json`` beside it.
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ from transformers import (  # noqa: E402
 )
 
 from safefreeze import SafeCallback, SafeConfig  # noqa: E402
-from safefreeze.core.state import write_state  # noqa: E402
 from safefreeze.training.data import load_task  # noqa: E402
 from safefreeze.training.models import resolve_model  # noqa: E402
 
@@ -58,7 +57,7 @@ def main() -> None:
         learning_rate=1e-3,
         logging_steps=10,
         save_strategy="no",
-        report_to=[],  # "tensorboard", "wandb" ...: SAFE's scores and freezes are logged there too
+        report_to=[],  # SAFE's values join the log records: to chart them, list e.g. TensorBoardCallback after it
         seed=0,
     )
     callbacks = [] if args.no_safe else [SafeCallback(SafeConfig(tau=0.5, score_every=5))]  # <- the one line
@@ -74,10 +73,9 @@ def main() -> None:
     predictions = trainer.predict(test)
     accuracy = float(np.mean(predictions.predictions.argmax(-1) == predictions.label_ids))
     print(f"test accuracy {accuracy:.4f}")
-    trainer.save_model(f"{args.out}/adapter")
+    trainer.save_model(f"{args.out}/adapter")  # with SAFE, safe_state.json is written beside the adapter
     if callbacks:
         freezer = callbacks[0].freezer
-        write_state(freezer, f"{args.out}/adapter")
         print(f"frozen units: {freezer.frozen} (frozen bottom blocks: {freezer.frozen_prefix()})")
     print(f"wrote {args.out}/adapter")
 
