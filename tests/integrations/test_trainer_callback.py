@@ -169,6 +169,23 @@ def test_safe_values_ride_on_the_next_trainer_record(trained):
     assert reported == [{k: v for k, v in record.items() if k != "step"} for record in history]
 
 
+def test_report_to_integrations_are_told_where_safe_values_go(
+    minilm_source, minilm_tokenizer, trec_task, trec_examples, tmp_path, caplog
+):
+    trainer = _trainer(
+        _lora_model(minilm_source, len(trec_task.labels)),
+        minilm_tokenizer,
+        trec_examples[:16],
+        tmp_path,
+        [SafeCallback(SafeConfig(**SAFE))],
+        max_steps=1,
+    )
+    trainer.args.report_to = ["tensorboard"]  # as TrainingArguments(report_to=...) sets it, without the package
+    with caplog.at_level("WARNING", logger="safefreeze.integrations.trainer"):
+        trainer.train()
+    assert "report_to integrations (tensorboard) run before SafeCallback" in caplog.text
+
+
 def test_save_model_writes_safe_state_beside_the_adapter(trained):
     freezer = trained["safe"].freezer
     final = trained["out"] / "final"

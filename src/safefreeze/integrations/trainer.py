@@ -170,6 +170,12 @@ class SafeCallback(TrainerCallback, ExportableState):
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, train_dataloader=None, **kwargs):
         check_ddp(args, model)
+        if args.report_to:
+            logger.warning(
+                "SAFE: report_to integrations (%s) run before SafeCallback and do not receive SAFE's values; to chart "
+                "them, set report_to='none' and list the integration's callback after SafeCallback in callbacks=[...]",
+                ", ".join(args.report_to),
+            )
         if self.fix_checkpointing:
             for change in untangle_checkpointing(model):
                 logger.warning("SAFE: %s so that frozen blocks leave the backward pass", change)
