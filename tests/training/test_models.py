@@ -99,3 +99,10 @@ def test_export_refuses_a_non_empty_directory_and_leaves_nothing_half_written(ti
     with pytest.raises(OSError, match="No space left"):
         export_model(str(tiny_gguf), tmp_path / "out")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]  # no out/, no staging folder
+
+
+def test_cli_export_model(tiny_gguf, tmp_path, capsys):
+    assert main(["export-model", str(tiny_gguf), str(tmp_path / "out")]) == 0
+    assert (tmp_path / "out" / "model.safetensors").exists() and str(tmp_path / "out") in capsys.readouterr().out
+    assert main(["export-model", str(tiny_gguf), str(tmp_path / "out")]) == 2
+    assert "already exists and is not empty" in capsys.readouterr().err
