@@ -6,7 +6,7 @@ were measured, the bar they were compared with, the units chosen). It never free
 anything itself: freezing is the freezer's, one code path for every strategy.
 
 - ``ScoredStrategy`` is SAFE. At every ``score_every``-th step of the warm-up (and at its
-  last step) the probe batch is run in eval mode without grad and each unit gets importance
+  last step) the probe batch is run in eval mode without grad (``scoring_mode``) and each unit gets importance
   ``s_u = 1 − CKA(X, Y)`` (mean over its modules), normalised by the largest among units
   and smoothed by an EMA over measurements (``s ← β·s_prev + (1 − β)·s``). Trainable units
   below the threshold ``T(t)`` (schedule.py) are chosen by the policy (policy.py), keeping
@@ -30,6 +30,7 @@ from torch import nn
 
 from safefreeze.core.config import SafeConfig
 from safefreeze.core.policy import choose_units
+from safefreeze.core.quantization import scoring_mode
 from safefreeze.core.schedule import threshold
 from safefreeze.core.units import AdapterUnit, FeatureCapture
 
@@ -130,8 +131,7 @@ class ScoredStrategy:
 
     @torch.no_grad()
     def _cka_importance(self, merged: set[str]) -> dict[str, float]:
-        was_training = self.model.training
-        self.model.eval()
+        """1 − CKA per unmerged unit on the probe, in eval mode (4-bit base layers excepted: quantization.py)."""
         device = next(self.model.parameters()).device
         probe = {k: v.to(device) if torch.is_tensor(v) else v for k, v in self.probe.items()}
         input_ids = probe.get("input_ids")
@@ -139,11 +139,8 @@ class ScoredStrategy:
         if mask is None:
             mask = torch.ones(input_ids.shape, dtype=torch.bool, device=device)
         self._capture.units = [u for u in self.units if u.name not in merged]
-        try:
-            with self._capture.recording(mask.bool()):
-                self.model(**probe)
-        finally:
-            self.model.train(was_training)
+        with scoring_mode(self.model), self._capture.recording(mask.bool()):
+            self.model(**probe)
         return self._capture.unit_scores()
 
     def state_dict(self) -> dict:
