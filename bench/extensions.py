@@ -27,20 +27,17 @@ from pathlib import Path
 
 import torch
 
-from safefreeze.analysis.bench import SAFE_VARIANTS
 from safefreeze.core.config import SafeConfig
-from safefreeze.training.train import TrainConfig, train
+from safefreeze.training.config import TrainConfig
+from safefreeze.training.methods import METHODS as TABLE
+from safefreeze.training.train import train
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "BENCHMARKS.md"
 RESULTS = Path(__file__).resolve().parent / "results" / "extensions"
 HEADING = "## Beyond the paper: merge, cache, resource policy"
 
-# name -> (TrainConfig overrides, SafeConfig overrides); the variants are the bench grid's own.
-METHODS: dict[str, tuple[dict, dict]] = {
-    "lora": ({"method": "lora"}, {}),
-    "safe": ({"method": "safe"}, {}),
-    **SAFE_VARIANTS,
-}
+# LoRA, SAFE and SAFE's variants of the method table (the bench grid's own).
+METHODS = ["lora", "safe", *(name for name, row in TABLE.items() if row.base == "safe")]
 # Against LoRA in the same run (issue 6): time −40 %, FLOPs −50 %, activation memory −60 %, score within 0.3 point.
 TARGETS = {"train_seconds": 0.6, "flops_per_step_mean": 0.5, "activation_bytes_mean": 0.4}
 QUANTITIES = [
@@ -59,9 +56,9 @@ def run(name: str, base: TrainConfig, seed: int) -> dict:
     )
     if path.exists():
         return json.loads(path.read_text())
-    train_overrides, safe_overrides = METHODS[name]
-    config = TrainConfig(**{**vars(base), **train_overrides, "seed": seed})
-    report = train(config, SafeConfig(seed=seed, **safe_overrides), progress=False).report
+    row = TABLE[name]
+    config = TrainConfig(**{**vars(base), **row.train, "method": row.trains, "seed": seed})
+    report = train(config, SafeConfig(seed=seed, **row.safe), progress=False).report
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report))
     return report
@@ -148,9 +145,7 @@ def main() -> None:
     parser.add_argument("--train-examples", type=int, default=128, help="first N training examples; 0 = all")
     parser.add_argument("--eval-examples", type=int, default=256, help="first N held-out examples; 0 = all")
     parser.add_argument("--flops-every", type=int, default=8, help="count FLOPs on step 1 and every N steps after")
-    parser.add_argument(
-        "--methods", nargs="+", default=list(METHODS), choices=list(METHODS), help="lora, safe always run"
-    )
+    parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS, help="lora, safe always run")
     args = parser.parse_args()
     base = TrainConfig(
         model=args.model,

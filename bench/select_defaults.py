@@ -17,7 +17,8 @@ import statistics
 from pathlib import Path
 
 from safefreeze.core.config import SafeConfig
-from safefreeze.training.train import TrainConfig, train
+from safefreeze.training.config import TrainConfig
+from safefreeze.training.train import train
 
 RESULTS = Path(__file__).parent / "results"
 

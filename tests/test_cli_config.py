@@ -1,4 +1,5 @@
-"""``--config run.yaml|run.toml``: file options, command-line precedence, clear errors, and --help coverage."""
+"""``--config run.yaml|run.toml``: sections per option group (flat files too), command-line precedence, clear
+errors, and --help in the same groups."""
 
 from __future__ import annotations
 
@@ -7,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from safefreeze.cli import _configs, build_parser, main
+from safefreeze.cli import OPTION_GROUPS, _configs, build_parser, main
 from safefreeze.core.config import ConfigError, SafeConfig
-from safefreeze.training.train import TrainConfig
+from safefreeze.training.config import GROUPS, TrainConfig
 
-YAML = """\
+FLAT_YAML = """\
 tau: 0.7
 max-steps: 5
 rank: 4
@@ -20,7 +21,7 @@ dataset: questions.csv
 text-column: question
 out: runs/from-file
 """
-TOML = """\
+FLAT_TOML = """\
 tau = 0.7
 max_steps = 5
 rank = 4
@@ -31,7 +32,40 @@ out = "runs/from-file"
 """
 
 
-@pytest.mark.parametrize(("name", "content"), [("run.yaml", YAML), ("run.toml", TOML)])
+YAML = """\
+safe:
+  tau: 0.7
+optimisation:
+  max-steps: 5
+adapter:
+  rank: 4
+  target_modules: [query, value]
+data:
+  dataset: questions.csv
+  text-column: question
+output:
+  out: runs/from-file
+"""
+TOML = """\
+[safe]
+tau = 0.7
+[optimisation]
+max_steps = 5
+[adapter]
+rank = 4
+target-modules = "query,value"
+[data]
+dataset = "questions.csv"
+text_column = "question"
+[output]
+out = "runs/from-file"
+"""
+
+
+@pytest.mark.parametrize(
+    ("name", "content"),
+    [("run.yaml", YAML), ("run.toml", TOML), ("flat.yaml", FLAT_YAML), ("flat.toml", FLAT_TOML)],
+)
 def test_file_fills_options_and_flags_win(tmp_path, name, content):
     path = tmp_path / name
     path.write_text(content)
@@ -50,6 +84,9 @@ def test_file_fills_options_and_flags_win(tmp_path, name, content):
     ("content", "message"),
     [
         ("taus: 0.7\n", "unknown option 'taus'"),
+        ("safe:\n  taus: 0.7\n", "unknown option 'taus'"),
+        ("data:\n  rank: 4\n", "option 'rank' belongs in [adapter], not [data]"),
+        ("method:\n  prefix_cache: maybe\n", "prefix_cache must be a bool, got 'maybe'"),
         ("max_steps: many\n", "max_steps must be a int"),
         ("rank: 2.5\n", "rank must be a int"),
         ("- tau\n", "must hold name: value pairs"),
@@ -72,6 +109,35 @@ def test_missing_or_unsupported_config_file(tmp_path):
     args = build_parser().parse_args(["train", "--config", str(tmp_path / "run.json")])
     with pytest.raises(ConfigError, match=r"\.yaml, \.yml or \.toml"):
         _configs(args)
+
+
+def test_safe_seed_is_the_runs_seed(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text("[optimisation]\nseed = 3\n[safe]\nseed = 3\ntau = 0.2\n")
+    config, safe = _configs(build_parser().parse_args(["train", "--config", str(path)]))
+    assert config.seed == safe.seed == 3
+    with pytest.raises(ConfigError, match=r"\[safe\] seed 3 differs from the run's seed 5; SAFE's seed is the run's"):
+        _configs(build_parser().parse_args(["train", "--config", str(path), "--seed", "5"]))
+
+
+def test_numbers_or_words_and_switches_from_a_file(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("method:\n  method: safe\n  prefix-cache: true\nsafe:\n  score_every: auto\n")
+    config, safe = _configs(build_parser().parse_args(["train", "--config", str(path)]))
+    assert config.prefix_cache is True and safe.score_every == "auto"
+    config, safe = _configs(build_parser().parse_args(["train", "--score-every", "7"]))
+    assert safe.score_every == 7
+
+
+def test_help_shows_the_option_groups():
+    train = build_parser()._subparsers._group_actions[0].choices["train"]
+    groups = {group.title: {action.dest for action in group._group_actions} for group in train._action_groups}
+    assert list(OPTION_GROUPS) == ["model", "data", "adapter", "method", "optimisation", "output", "safe"]
+    for section, cls in OPTION_GROUPS.items():
+        assert groups[section] == {f.name for f in fields(cls)} - ({"seed"} if cls is SafeConfig else set())
+    assert sorted(f.name for group in GROUPS for f in fields(group)) == sorted(f.name for f in fields(TrainConfig))
+    seed_help = next(a.help for a in train._actions if a.dest == "seed")
+    assert "SAFE's seed" in seed_help  # the one option two groups share is said to be shared, not overwritten
 
 
 def test_every_option_is_documented_in_help():

@@ -1,13 +1,15 @@
 """``safefreeze`` command line: ``train`` one run, ``compare`` LoRA and SAFE side by side,
 ``bench`` a grid of methods × tasks × seeds, ``plot`` and ``landscape`` what they wrote.
 
-Options are generated from the ``TrainConfig`` and ``SafeConfig`` dataclasses, so their
-help text lives in one place. ``--config run.yaml|run.toml`` reads the same options from a
-file (flat ``name: value`` pairs, names as the long flags); flags given on the command line
-win over the file, the file over the defaults. User mistakes end in one line on stderr and
-exit code 2; faults (disk full, a loss that is not finite) in one line and exit code 1;
-Ctrl-C saves a checkpoint and exits with 130 (README, "When things go wrong"). Under
-``torchrun`` only rank 0 writes and prints.
+Options are generated from the option groups of ``TrainConfig`` (training/config.py) and
+from ``SafeConfig``, so their help text lives in one place and ``--help`` shows them in the
+same groups. ``--config run.yaml|run.toml`` reads the same options from a file, one section
+per group (``[model]``, ``[data]``, ``[adapter]``, ``[method]``, ``[optimisation]``,
+``[safe]``, ``[output]``; names as the long flags; a flat file without sections is read
+too); flags given on the command line win over the file, the file over the defaults.
+User mistakes end in one line on stderr and exit code 2; faults (disk full, a loss that
+is not finite) in one line and exit code 1; Ctrl-C saves a checkpoint and exits with 130
+(README, "When things go wrong"). Under ``torchrun`` only rank 0 writes and prints.
 """
 
 from __future__ import annotations
@@ -26,10 +28,15 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from safefreeze.core.config import ConfigError, SafeConfig  # noqa: E402
 from safefreeze.training import checkpoint, distributed  # noqa: E402
+from safefreeze.training.config import GROUPS, TrainConfig  # noqa: E402
+from safefreeze.training.configfile import read_options, value_type  # noqa: E402
 from safefreeze.training.faults import TrainingHalted  # noqa: E402
-from safefreeze.training.train import TrainConfig, run_identity  # noqa: E402
+from safefreeze.training.train import run_identity  # noqa: E402
 
-_SAFE_FLAGS_SKIPPED = {"seed"}  # SAFE's seed follows --seed
+# The option groups of --help and of a config file's sections: TrainConfig's, then SAFE's.
+OPTION_GROUPS = {**{group.section: group for group in GROUPS}, "safe": SafeConfig}
+_SAFE_FLAGS_SKIPPED = {"seed"}  # SAFE's seed is the run's --seed (whose help says so)
+_FILE_FLAGS = {"out": "output", "quiet": "output"}  # flags a config file may set besides the options, by section
 
 
 class _Parser(argparse.ArgumentParser):
@@ -37,12 +44,26 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def _value_type(annotation: str):
-    return int if "int" in annotation else float if "float" in annotation else str
+def _number_or_word(kind):
+    """``kind`` for an option that is a number or a word such as ``auto`` (annotated ``int | str``)."""
+
+    def convert(text: str):
+        try:
+            return kind(text)
+        except ValueError:
+            return text
+
+    convert.__name__ = kind.__name__
+    return convert
 
 
-def _add_dataclass_options(parser: argparse.ArgumentParser, cls, skip: set[str] = frozenset()) -> None:
-    group = parser.add_argument_group(cls.__name__)
+def _option_type(annotation: str):
+    kind = value_type(annotation)
+    return _number_or_word(kind) if kind is not str and "str" in annotation else kind
+
+
+def _add_dataclass_options(parser: argparse.ArgumentParser, cls, title: str, skip: set[str] = frozenset()) -> None:
+    group = parser.add_argument_group(title, (cls.__doc__ or "").splitlines()[0])
     for f in fields(cls):
         if f.name in skip:
             continue
@@ -52,7 +73,7 @@ def _add_dataclass_options(parser: argparse.ArgumentParser, cls, skip: set[str] 
         if str(f.type) == "bool":  # a switch: given means True, absent keeps the dataclass default
             group.add_argument(flag, dest=f.name, action="store_true", default=None, help=help_text)
             continue
-        group.add_argument(flag, dest=f.name, type=_value_type(str(f.type)), default=None, help=help_text)
+        group.add_argument(flag, dest=f.name, type=_option_type(str(f.type)), default=None, help=help_text)
 
 
 def _from_args(cls, args: argparse.Namespace, **extra):
@@ -81,12 +102,13 @@ def build_parser() -> argparse.ArgumentParser:
             "--config",
             type=Path,
             default=None,
-            help="YAML (.yaml/.yml) or TOML (.toml) file of options named as the long flags; flags override it",
+            help="YAML (.yaml/.yml) or TOML (.toml) file of options named as the long flags, a section per group "
+            "below ([model], [data] ..., [safe]; a flat file works too); flags override it",
         )
         sub.add_argument("--out", type=Path, default=None, help="run directory (default: runs/<model>-<dataset>-...)")
         sub.add_argument("--quiet", action="store_true", help="no progress bars")
-        _add_dataclass_options(sub, TrainConfig)
-        _add_dataclass_options(sub, SafeConfig, _SAFE_FLAGS_SKIPPED)
+        for section, group in OPTION_GROUPS.items():
+            _add_dataclass_options(sub, group, section, _SAFE_FLAGS_SKIPPED if group is SafeConfig else frozenset())
     runs = train.add_argument_group("checkpoints")
     runs.add_argument(
         "--save-every", type=int, default=None, help="write a checkpoint every N optimizer steps (--resume: as before)"
@@ -101,7 +123,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench = commands.add_parser(
         "bench", help="run (or resume) the benchmark grid of methods x tasks x seeds; write results.{json,csv,md}"
     )
-    bench.add_argument("--quick", action="store_true", help="the quick preset (under 15 min on 2 CPU cores)")
+    presets = bench.add_mutually_exclusive_group()
+    presets.add_argument("--quick", action="store_true", help="the quick preset (under 15 min on 2 CPU cores)")
+    presets.add_argument(
+        "--preset", default=None, help="a preset by name (bench/presets/NAME.toml) or file (default: full)"
+    )
     bench.add_argument("--out", type=Path, default=None, help="bench directory (default: bench/results/<preset>)")
     bench.add_argument("--tasks", default=None, help="comma-separated subset of trec, movies, hamlet")
     bench.add_argument(
@@ -127,63 +153,40 @@ def build_parser() -> argparse.ArgumentParser:
     landscape.add_argument("--examples", type=int, default=32, help="fixed training examples the loss is taken on")
     landscape.add_argument("--iterations", type=int, default=30, help="power-iteration steps for the top eigenvalue")
     landscape.add_argument("--scope", default="all", help="adapter parameters: all units, or only those trainable")
+    export = commands.add_parser(
+        "export-model", help="write a bundled model or a .gguf file as a plain transformers folder with its tokenizer"
+    )
+    export.add_argument("model", help="a bundled model (smollm2, minilm), a .gguf file or a model directory")
+    export.add_argument("directory", type=Path, help="the folder to create (new or empty)")
     return parser
 
 
-def read_config_file(path: Path) -> dict:
-    """Options from a YAML or TOML file, keys normalised to field names (``max-steps`` → ``max_steps``)."""
-    if not path.is_file():
-        raise ConfigError(f"--config {path} does not exist")
-    text = path.read_text(encoding="utf-8")
-    if path.suffix in (".yaml", ".yml"):
-        import yaml
+def apply_config_file(args: argparse.Namespace) -> int | None:
+    """Fill options not given on the command line from ``args.config`` (command line > file > defaults).
 
-        parse, error_type = yaml.safe_load, yaml.YAMLError
-    elif path.suffix == ".toml":
-        try:
-            import tomllib
-        except ImportError:  # Python 3.10
-            import tomli as tomllib
-
-        parse, error_type = tomllib.loads, tomllib.TOMLDecodeError
-    else:
-        raise ConfigError(f"--config {path}: use a .yaml, .yml or .toml file")
-    try:
-        data = parse(text)
-    except error_type as error:
-        raise ConfigError(f"--config {path} cannot be read: {' '.join(str(error).split())}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"--config {path} must hold name: value pairs, not a {type(data).__name__}")
-    return {str(key).replace("-", "_"): value for key, value in data.items()}
-
-
-def apply_config_file(args: argparse.Namespace) -> None:
-    """Fill options not given on the command line from ``args.config`` (command line > file > defaults)."""
+    Returns the file's ``[safe] seed`` if it has one (SAFE's seed is the run's: ``_configs`` checks they agree).
+    """
     if args.config is None:
-        return
-    options = {f.name: f for cls in (TrainConfig, SafeConfig) for f in fields(cls) if f.name in vars(args)}
-    for key, value in read_config_file(args.config).items():
-        if key not in options and key not in ("out", "quiet"):
-            raise ConfigError(f"--config {args.config}: unknown option {key!r}; use the long flags of --help")
-        if value is None or getattr(args, key) not in (None, False):
-            continue
-        if key in options:
-            kind = _value_type(str(options[key].type))
-            value = ",".join(map(str, value)) if isinstance(value, list) and kind is str else value
-            wrong_number = kind is int and isinstance(value, float) and not value.is_integer()
-            if isinstance(value, (dict, list, bool)) or (kind is not str and isinstance(value, str)) or wrong_number:
-                raise ConfigError(f"--config {args.config}: {key} must be a {kind.__name__}, got {value!r}")
-            value = kind(value)
-        setattr(args, key, Path(value) if key == "out" else value)
+        return None
+    sections = read_options(args.config, OPTION_GROUPS, _FILE_FLAGS)
+    safe_seed = sections["safe"].pop("seed", None)
+    for options in sections.values():
+        for key, value in options.items():
+            if value is not None and getattr(args, key) in (None, False):
+                setattr(args, key, Path(value) if key == "out" else value)
+    return safe_seed
 
 
 def _configs(args: argparse.Namespace, method: str | None = None) -> tuple[TrainConfig, SafeConfig]:
-    apply_config_file(args)
+    safe_seed = apply_config_file(args)
     config = _from_args(TrainConfig, args)
     if method is not None:
         config = replace(config, method=method)
+    if safe_seed is not None and safe_seed != config.seed:
+        raise ConfigError(
+            f"--config {args.config}: [safe] seed {safe_seed} differs from the run's seed {config.seed}; "
+            "SAFE's seed is the run's, set seed once in [optimisation]"
+        )
     return config, _from_args(SafeConfig, args, seed=config.seed)
 
 
@@ -213,7 +216,7 @@ def _run(config: TrainConfig, safe: SafeConfig, out: Path, quiet: bool, checkpoi
     from safefreeze.analysis.report import write_run
     from safefreeze.training.train import train
 
-    result = train(_placed(config, out), safe, progress=not quiet, checkpoints=checkpoints)
+    result = train(_placed(config, out), safe, progress=not quiet, checkpoints=checkpoints, out=out)
     if distributed.Group.from_env().is_main:
         write_run(out, result.report, result.model, result.freezer)
     return result.report
@@ -287,11 +290,11 @@ def command_bench(args: argparse.Namespace) -> None:
     from safefreeze.analysis.bench import run_bench
     from safefreeze.analysis.plots import PLOTS_HEADING, plot
 
-    preset = "quick" if args.quick else "full"
-    out = args.out or Path("bench") / "results" / preset
+    preset = "quick" if args.quick else args.preset or "full"
+    out = args.out or Path("bench") / "results" / Path(preset).stem
     tasks = args.tasks.split(",") if args.tasks else None
     command = " ".join(
-        ["safefreeze bench", *(["--quick"] if args.quick else [])]
+        ["safefreeze bench", *(["--quick"] if args.quick else []), *([f"--preset {preset}"] if args.preset else [])]
         + ([f"--tasks {args.tasks}"] if args.tasks else [])
         + ([f"--seeds {','.join(map(str, args.seeds))}"] if args.seeds else [])
         + ([f"--methods {args.methods}"] if args.methods else [])
@@ -331,6 +334,13 @@ def command_landscape(args: argparse.Namespace) -> None:
     print(f"wrote {args.directory}/landscape.json, landscape.md and landscape.png")
 
 
+def command_export_model(args: argparse.Namespace) -> None:
+    from safefreeze.training.models import export_model
+
+    out = export_model(args.model, args.directory)
+    print(f"wrote {out}: a transformers model folder with its tokenizer (from_pretrained loads it)")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     say = distributed.Group.from_env().is_main  # every rank fails alike; one of them speaks
@@ -346,6 +356,7 @@ def main(argv: list[str] | None = None) -> int:
             "bench": command_bench,
             "plot": command_plot,
             "landscape": command_landscape,
+            "export-model": command_export_model,
         }
         commands[args.command](args)
         distributed.teardown()

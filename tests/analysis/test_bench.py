@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 
 from safefreeze.analysis import bench
-from safefreeze.analysis.bench import Preset, aggregate, plan_cells, render_table, run_bench
+from safefreeze.analysis.bench import Preset, aggregate, load_preset, plan_cells, render_table, run_bench
 from safefreeze.core.config import ConfigError
-from safefreeze.training.train import METHODS, RunResult
+from safefreeze.training.methods import METHODS, TRAINING_METHODS
+from safefreeze.training.train import RunResult
 
 PRESET = Preset(
     seeds=(0, 1),
@@ -24,7 +25,7 @@ COST = {"lora": 1.0, "safe": 0.5, "random": 0.5}
 
 
 def fake_train(calls: list):
-    def train(config, safe, progress=True):
+    def train(config, safe, progress=True, out=None):
         calls.append((config.method, config.seed))
         scale = COST[config.method]
         summary = {
@@ -180,7 +181,36 @@ def test_aggregate_ratios_are_to_lora_of_the_same_task():
 
 
 def test_unknown_methods_in_a_preset_are_named():
-    assert set(bench.ALL_METHODS) == {*METHODS, *bench.SAFE_VARIANTS}
     preset = Preset(seeds=(0,), methods={"trec": ("lora", "lorax")})
     with pytest.raises(ConfigError, match="unknown bench method.*lorax in the bench preset's trec"):
         plan_cells(preset, Path("unused"))
+
+
+def test_bench_methods_are_the_method_table():
+    """One vocabulary: training methods and SAFE's variants are rows of one table, each with its plot style."""
+    assert TRAINING_METHODS == ("lora", "safe", "random", "adapterdrop", "freezeout", "full")
+    variants = {name: row for name, row in METHODS.items() if row.base is not None}
+    assert set(variants) == {"safe+merge", "safe+cache", "safe+all", "safe-resource"}
+    assert all(row.base == "safe" and row.strategy is None for row in variants.values())
+    assert len({row.colour for row in METHODS.values()}) == len(METHODS)  # every method tells apart in a plot
+    assert [name for name, row in METHODS.items() if row.follows_safe] == ["random", "adapterdrop"]
+
+
+def test_presets_are_data_files(tmp_path):
+    quick = load_preset("quick")
+    assert quick.seeds == (0,) and quick.methods["hamlet"] == ("lora", "safe", "random", "adapterdrop")
+    assert quick.train["trec"]["max_steps"] == 80 and quick.safe == {"score_every": 5, "tau": 0.5, "smoothing": 0.0}
+    full = load_preset("full")
+    assert full.seeds == (0, 1, 2) and all(set(methods) == set(METHODS) for methods in full.methods.values())
+    cells = plan_cells(quick, tmp_path)
+    hamlet = next(c for c in cells if c.task == "hamlet")
+    assert (hamlet.config.model, hamlet.config.dataset, hamlet.config.max_length) == ("smollm2", "hamlet", 32)
+    mine = tmp_path / "mine.toml"
+    mine.write_text('seeds = [3]\n[methods]\nmovies = ["lora"]\n[train.movies]\nmax_steps = 2\n')
+    (cell,) = plan_cells(load_preset(mine), tmp_path)
+    assert (cell.config.dataset, cell.config.max_steps, cell.seed) == ("movies", 2, 3)
+    with pytest.raises(ConfigError, match="unknown bench preset 'tiny'; choose one of full, quick"):
+        load_preset("tiny")
+    mine.write_text("seeds = [0]\n")
+    with pytest.raises(ConfigError, match=r"needs seeds and \[methods\]"):
+        load_preset(mine)

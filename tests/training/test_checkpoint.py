@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from safefreeze import cli
 from safefreeze.core.config import ConfigError, SafeConfig
 from safefreeze.training import checkpoint
+from safefreeze.training.records import METRICS_NAME, read_metrics
 from safefreeze.training.train import TrainConfig, run_identity, train
 
 
@@ -103,6 +104,9 @@ def test_a_killed_run_resumes_bit_exactly(tmp_path, no_eval, cli_until):
     assert frozen == [u["frozen_at_step"] for u in reports[1]["units"]]
     assert [s["loss"] for s in reports[0]["steps"]] == [s["loss"] for s in reports[1]["steps"]]
     assert len(reports[1]["steps"]) == 8
+    # metrics.jsonl holds each step once (steps after the checkpoint were streamed, then redone after the resume).
+    assert read_metrics(tmp_path / "killed" / METRICS_NAME) == reports[1]["steps"]
+    assert [s["lr"] for s in reports[0]["steps"]] == [s["lr"] for s in reports[1]["steps"]]
     resumed_checkpoints = checkpoint.listing(tmp_path / "killed" / "checkpoints")
     assert [p.name for p in resumed_checkpoints] == ["step-000007.pt", "step-000008.pt"]  # --save-every 1 kept
 
@@ -132,3 +136,18 @@ def test_resume_with_merge_on_freeze_is_bit_exact(tmp_path, no_eval):
     )
     expected, got = whole.model.state_dict(), resumed.model.state_dict()
     assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
+
+
+def test_a_resumed_run_streams_each_step_once(tmp_path, no_eval):
+    """Steps a run streamed after its last checkpoint are redone on resume; metrics.jsonl holds them once."""
+    config = TrainConfig(max_steps=5, batch_size=8, max_length=16, flops_every=1000)
+    safe = SafeConfig(tau=0.9, warmup_steps=4, score_every=2, probe_size=8)
+    saving = checkpoint.Checkpoints(tmp_path / "checkpoints", save_every=2, keep=5)
+    whole = train(config, safe, progress=False, checkpoints=saving, out=tmp_path)
+    assert [r["step"] for r in read_metrics(tmp_path / METRICS_NAME)] == [1, 2, 3, 4, 5]
+    state = checkpoint.load(tmp_path / "checkpoints" / "step-000002.pt")  # as if killed after step 5
+    resumed = train(config, safe, progress=False, checkpoints=checkpoint.Checkpoints(resume_from=state), out=tmp_path)
+    records = read_metrics(tmp_path / METRICS_NAME)
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5]
+    assert records == resumed.report["steps"]
+    assert [r["loss"] for r in records] == [s["loss"] for s in whole.report["steps"]]

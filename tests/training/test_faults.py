@@ -20,6 +20,7 @@ from safefreeze.analysis.report import check_out_dir
 from safefreeze.core.config import ConfigError
 from safefreeze.training import checkpoint, train
 from safefreeze.training.data import in_test_split
+from safefreeze.training.records import METRICS_NAME, read_metrics
 
 BASE = [
     "train",
@@ -157,7 +158,13 @@ def test_disk_full_while_writing_the_run(tmp_path, capsys, monkeypatch, no_eval)
         1,
         f"error: no space left on device writing {out}; nothing half-written was kept, free some space",
     )
-    assert list(tmp_path.iterdir()) == []  # neither --out nor the staging directory
+    # No staging directory and no report: only the metrics of the three finished steps, which a new run replaces.
+    assert list(tmp_path.iterdir()) == [out] and [p.name for p in out.iterdir()] == [METRICS_NAME]
+    assert [record["step"] for record in read_metrics(out / METRICS_NAME)] == [1, 2, 3]
+    monkeypatch.undo()
+    monkeypatch.setattr("safefreeze.training.train.evaluate", lambda *args, **kwargs: {"accuracy": 0.0})
+    assert cli.main([*BASE, "--out", str(out)]) == 0
+    assert [record["step"] for record in read_metrics(out / METRICS_NAME)] == [1, 2, 3]
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, capsys, monkeypatch, no_eval):
@@ -184,7 +191,8 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, caps
         f"stopped: loss is nan at step 3; training stopped before updating the weights, the last good checkpoint "
         f"is {good}; continue with --resume {good} (a lower --lr usually helps)",
     )
-    assert [p.name for p in out.iterdir()] == ["checkpoints"]
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoints", METRICS_NAME]
+    assert [record["step"] for record in read_metrics(out / METRICS_NAME)] == [1, 2]  # the finished steps
     assert checkpoint.load(checkpoint.find(out))["step"] == 2
 
 
@@ -201,4 +209,5 @@ def test_ctrl_c_saves_a_checkpoint_and_exits_cleanly(tmp_path, cli_until):
         f"safefreeze: stopped: interrupted after step {step}; the last good checkpoint is {last}; "
         f"continue with --resume {last}\n"
     )
-    assert [p.name for p in out.iterdir()] == ["checkpoints"]
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoints", METRICS_NAME]
+    assert [record["step"] for record in read_metrics(out / METRICS_NAME)] == list(range(1, step + 1))

@@ -1,8 +1,11 @@
 import math
+from dataclasses import fields
 
+import pytest
 import torch
 
 from safefreeze.core.config import SafeConfig
+from safefreeze.training.records import METRICS_NAME, StepRecord, read_metrics
 from safefreeze.training.train import TrainConfig, train
 
 FAST = {"max_steps": 5, "batch_size": 8, "flops_every": 100, "eval_batch_size": 256}
@@ -33,3 +36,22 @@ def test_causal_lm_on_smollm2_reports_perplexity():
     assert report["summary"]["frozen_units"] == 29  # τ = 1 at the end of the warm-up: all but the top unit
     # Backward now stops at the one trainable block, wherever CKA put it.
     assert report["steps"][-1]["activation_bytes"] < report["steps"][0]["activation_bytes"]
+
+
+def test_each_step_leaves_one_record_in_the_report_and_in_metrics_jsonl(tmp_path, no_eval):
+    config = TrainConfig(method="safe", **{**FAST, "max_steps": 6, "flops_every": 3})
+    safe = SafeConfig(tau=0.9, warmup_steps=4, score_every=2, smoothing=0.0, probe_size=8)
+    result = train(config, safe, progress=False, out=tmp_path)
+    steps = result.report["steps"]
+    assert read_metrics(tmp_path / METRICS_NAME) == steps  # one writer, one line per step, the report's records
+    assert [s["step"] for s in steps] == list(range(1, 7))
+    assert set(steps[0]) == {f.name for f in fields(StepRecord)}
+    # The linear schedule ramps up over round(0.06 * 6) = 0 steps, then decays to 0 at step 6.
+    assert [s["lr"] for s in steps] == pytest.approx([1e-3 * (6 - i) / 6 for i in range(6)])
+    assert [s["flops"] is not None for s in steps] == [True, False, False, True, False, False]
+    events = {e.step: e for e in result.freezer.events}
+    assert set(events) == {2, 4}
+    for s in steps:
+        frozen = sum(len(e.frozen_now) for step, e in events.items() if step <= s["step"])
+        assert (s["frozen_units"], s["trainable_units"]) == (frozen, 6 - frozen)
+    assert events[4].frozen_total == steps[-1]["frozen_units"] >= 1

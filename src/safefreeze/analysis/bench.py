@@ -1,9 +1,12 @@
 """The benchmark grid: methods × tasks × seeds, trained and measured the same way, side by side.
 
-Every cell is one ``train`` run written to ``OUT/<task>/s<seed>/<method>/`` (report.json,
-report.md, the adapter). A cell whose report.json exists is finished and never recomputed,
-so an interrupted bench resumes where it stopped. ``random`` and ``adapterdrop`` follow the
-``safe`` cell of the same task and seed (``--reference``), which is therefore run first.
+A grid is a preset, a data file under ``bench/presets/`` (quick.toml, full.toml): its seeds,
+the methods per task (names of the method table, training/methods.py, SAFE's variants
+included) and the options of each task's runs. Every cell is one ``train`` run written to
+``OUT/<task>/s<seed>/<method>/`` (report.json, report.md, metrics.jsonl, the adapter). A cell
+whose report.json exists is finished and never recomputed, so an interrupted bench resumes
+where it stopped. Methods that follow SAFE's freezing (``random``, ``adapterdrop``) take the
+``safe`` cell of the same task and seed as ``--reference``, which is therefore run first.
 
 The results are ``results.json`` (every cell and the aggregate table), ``results.csv`` (one
 row per cell) and ``results.md``: per task and method, the primary score as mean ± std
@@ -26,22 +29,13 @@ from peft import PeftModel
 
 from safefreeze.analysis.report import primary_score, write_run
 from safefreeze.core.config import ConfigError, SafeConfig
-from safefreeze.training.train import TrainConfig, train
+from safefreeze.training.config import TrainConfig
+from safefreeze.training.configfile import read_mapping
+from safefreeze.training.methods import METHODS
+from safefreeze.training.train import train
 
-TASKS = {
-    "trec": {"model": "minilm", "dataset": "trec"},
-    "movies": {"model": "minilm", "dataset": "movies"},
-    "hamlet": {"model": "smollm2", "dataset": "hamlet"},
-}
-# SAFE with the switches that go beyond the paper (issue 6): bench name -> (TrainConfig, SafeConfig) overrides.
-SAFE_VARIANTS: dict[str, tuple[dict, dict]] = {
-    "safe+merge": ({"method": "safe"}, {"merge_frozen": True}),
-    "safe+cache": ({"method": "safe", "prefix_cache": True}, {}),
-    "safe+all": ({"method": "safe", "prefix_cache": True}, {"merge_frozen": True, "policy": "resource"}),
-    "safe-resource": ({"method": "safe"}, {"policy": "resource"}),
-}
-ALL_METHODS = ("lora", "safe", "random", "adapterdrop", "freezeout", "full", *SAFE_VARIANTS)
-FOLLOWS_SAFE = ("random", "adapterdrop")
+PRESETS_DIR = Path("bench") / "presets"  # NAME.toml, looked up in the current directory, then in the source tree
+_SOURCE_PRESETS = Path(__file__).resolve().parents[3] / PRESETS_DIR
 COSTS = (  # summary key, column label
     ("activation_bytes_mean", "act. mem mean"),
     ("activation_bytes_peak", "act. mem peak"),
@@ -53,43 +47,43 @@ COSTS = (  # summary key, column label
 
 @dataclass(frozen=True)
 class Preset:
-    """A bench grid: which methods on which tasks, how many seeds, and the run settings per task."""
+    """A bench grid: which methods on which tasks, how many seeds, and the run settings per task.
+
+    ``train[task]`` holds ``TrainConfig`` options of the task's runs (``dataset`` defaults to the
+    task's name), ``safe`` the ``SafeConfig`` options of every run that freezes.
+    """
 
     seeds: tuple[int, ...]
     methods: dict[str, tuple[str, ...]]
-    train: dict[str, dict] = field(default_factory=dict)  # task -> TrainConfig overrides
-    safe: dict = field(default_factory=dict)  # SafeConfig overrides
+    train: dict[str, dict] = field(default_factory=dict)
+    safe: dict = field(default_factory=dict)
 
 
-PRESETS = {
-    # Under 15 minutes on 2 CPU cores: one seed, short runs (a higher adapter learning rate so that 80 steps
-    # learn something), no full fine-tuning, and no FreezeOut on the 135 M decoder.
-    "quick": Preset(
-        seeds=(0,),
-        methods={
-            "trec": ALL_METHODS[:5],
-            "movies": ALL_METHODS[:5],
-            "hamlet": ("lora", "safe", "random", "adapterdrop"),
-        },
-        train={
-            "trec": {"max_steps": 80, "batch_size": 16, "lr": 5e-3, "flops_every": 20},
-            "movies": {"max_steps": 80, "batch_size": 16, "lr": 5e-3, "flops_every": 20},
-            "hamlet": {"max_steps": 30, "batch_size": 4, "max_length": 32, "flops_every": 10, "eval_batch_size": 16},
-        },
-        # The defaults (τ 0.1, EMA 0.7) are chosen for runs of hundreds of steps: in a 24-step warm-up the EMA
-        # still carries the first scores and nothing freezes (measured: BENCHMARKS.md), so the short preset
-        # scores every 5 steps with the first default, τ 0.5 without smoothing.
-        safe={"score_every": 5, "tau": 0.5, "smoothing": 0.0},
-    ),
-    # The paper-sized comparison: every method, three seeds, three epochs (hours on a CPU). Movies runs one
-    # epoch (263 steps, as in the defaults sweep): three epochs (789 steps) of the ten methods take over an
-    # hour per seed on one core, more than the 2-core reference machine can give three seeds.
-    "full": Preset(
-        seeds=(0, 1, 2),
-        methods=dict.fromkeys(TASKS, ALL_METHODS),
-        train={"movies": {"epochs": 1.0}, "hamlet": {"batch_size": 8, "eval_batch_size": 16}},
-    ),
-}
+def load_preset(name: str | Path) -> Preset:
+    """A preset from a .toml/.yaml file, or by name from ``bench/presets/NAME.toml`` (see ``PRESETS_DIR``)."""
+    path = Path(name)
+    if path.suffix not in (".toml", ".yaml", ".yml"):
+        found = [d / f"{name}.toml" for d in (PRESETS_DIR, _SOURCE_PRESETS) if (d / f"{name}.toml").is_file()]
+        if not found:
+            known = sorted({p.stem for d in (PRESETS_DIR, _SOURCE_PRESETS) if d.is_dir() for p in d.glob("*.toml")})
+            raise ConfigError(
+                f"unknown bench preset {name!r}; choose one of {', '.join(known) or 'none found'} "
+                f"({PRESETS_DIR}/) or pass a .toml file"
+            )
+        path = found[0]
+    data = read_mapping(path, "--preset")
+    unknown = sorted(set(data) - {"seeds", "methods", "train", "safe"})
+    if unknown or not isinstance(data.get("methods"), dict) or not data.get("seeds"):
+        raise ConfigError(
+            f"--preset {path} needs seeds and [methods] (and may have [train.TASK], [safe]); "
+            f"unknown: {', '.join(unknown) or 'none'}"
+        )
+    return Preset(
+        seeds=tuple(data["seeds"]),
+        methods={task: tuple(names) for task, names in data["methods"].items()},
+        train=data.get("train", {}),
+        safe=data.get("safe", {}),
+    )
 
 
 @dataclass
@@ -105,9 +99,9 @@ class Cell:
 
 
 def _check_methods(methods: tuple[str, ...] | list[str], where: str = "") -> None:
-    unknown = sorted(set(methods) - set(ALL_METHODS))
+    unknown = sorted(set(methods) - set(METHODS))
     if unknown:
-        raise ConfigError(f"unknown bench method(s) {', '.join(unknown)}{where}; choose from {', '.join(ALL_METHODS)}")
+        raise ConfigError(f"unknown bench method(s) {', '.join(unknown)}{where}; choose from {', '.join(METHODS)}")
 
 
 def plan_cells(preset: Preset, out: Path, tasks: list[str] | None = None) -> list[Cell]:
@@ -119,18 +113,17 @@ def plan_cells(preset: Preset, out: Path, tasks: list[str] | None = None) -> lis
     cells = []
     for task in tasks:
         _check_methods(preset.methods[task], where=f" in the bench preset's {task}")
-        methods = sorted(preset.methods[task], key=ALL_METHODS.index)
+        methods = sorted(preset.methods[task], key=list(METHODS).index)
         for seed in preset.seeds:
             base = f"{task}/s{seed}"
             for method in methods:
-                if method in FOLLOWS_SAFE and "safe" not in methods:
+                row = METHODS[method]
+                if row.follows_safe and "safe" not in methods:
                     raise ConfigError(f"bench method {method} follows SAFE's freezing; add safe to the grid")
-                reference = str(out / base / "safe") if method in FOLLOWS_SAFE else None
-                train_extra, safe_extra = SAFE_VARIANTS.get(method, ({"method": method}, {}))
-                config = TrainConfig(
-                    **TASKS[task], **preset.train.get(task, {}), **train_extra, seed=seed, reference=reference
-                )
-                safe = SafeConfig(**{**preset.safe, **safe_extra}, seed=seed)
+                reference = str(out / base / "safe") if row.follows_safe else None
+                options = {"dataset": task, **preset.train.get(task, {}), **row.train, "method": row.trains}
+                config = TrainConfig(**options, seed=seed, reference=reference)
+                safe = SafeConfig(**{**preset.safe, **row.safe}, seed=seed)
                 cells.append(Cell(task, method, seed, config, safe, f"{base}/{method}"))
     return cells
 
@@ -153,7 +146,7 @@ def run_cell(cell: Cell, out: Path, progress: bool = True) -> tuple[dict, bool]:
                 "use a fresh --out or delete it"
             )
         return report, False
-    result = train(cell.config, cell.safe, progress=progress)
+    result = train(cell.config, cell.safe, progress=progress, out=directory)
     # The adapter is small and feeds `safefreeze landscape`; a fully fine-tuned model is not kept.
     write_run(directory, result.report, result.model if isinstance(result.model, PeftModel) else None)
     return result.report, True
@@ -269,14 +262,13 @@ def run_bench(
 ) -> list[dict]:
     """Run (or resume) a preset's grid into ``out`` and write the results; returns the aggregate table.
 
-    ``preset`` overrides the named one (the name is still written into the results). ``seeds``
+    ``preset_name`` names a preset file (``load_preset``); ``preset`` overrides it (the name is
+    still written into the results). ``seeds``
     and ``methods`` run only those cells, so a long grid can be split across processes or
     sessions (``random`` and ``adapterdrop`` need their ``safe`` cell done first); a last call
     with neither then finds each cell done and writes the whole table.
     """
-    if preset is None and preset_name not in PRESETS:
-        raise ConfigError(f"unknown bench preset {preset_name!r}; choose one of {', '.join(PRESETS)}")
-    preset = preset or PRESETS[preset_name]
+    preset = preset or load_preset(preset_name)
     if seeds is not None:
         preset = replace(preset, seeds=tuple(seeds))
     cells = plan_cells(preset, Path(out), tasks)

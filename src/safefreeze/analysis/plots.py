@@ -24,24 +24,19 @@ from matplotlib.figure import Figure
 
 from safefreeze.analysis.report import MIB
 from safefreeze.core.config import ConfigError
+from safefreeze.training.methods import METHODS
 
 PLOTS_HEADING = "## Plots"
-_COLOURS = {
-    "lora": "tab:blue",
-    "safe": "tab:red",
-    "random": "tab:gray",
-    "adapterdrop": "tab:green",
-    "freezeout": "tab:purple",
-    "full": "tab:brown",
-    "safe+merge": "tab:orange",
-    "safe+cache": "tab:pink",
-    "safe+all": "tab:olive",
-    "safe-resource": "tab:cyan",
-}
 
 
 def _colour(method: str) -> str | None:
-    return _COLOURS.get(method)
+    """The method's colour in the method table (None for a name it does not hold: matplotlib's cycle)."""
+    return METHODS[method].colour if method in METHODS else None
+
+
+def _label(method: str) -> str:
+    """How a legend names the method (the method table's label, else the name as given)."""
+    return METHODS[method].label if method in METHODS else method
 
 
 def _save(figure: Figure, path: Path) -> Path:
@@ -95,7 +90,9 @@ def freeze_timeline(reports: dict[str, dict], path: Path) -> Path:
 
     def draw(axes, label: str, report: dict) -> None:
         steps = [s["step"] for s in report["steps"]]
-        axes.step(steps, [s["frozen_units"] for s in report["steps"]], where="post", label=label, color=_colour(label))
+        axes.step(
+            steps, [s["frozen_units"] for s in report["steps"]], where="post", label=_label(label), color=_colour(label)
+        )
         axes.set_ylim(-0.3, total + 0.3)
 
     return _per_step_axes(reports, path, "freeze timeline", f"frozen units (of {total})", draw)
@@ -110,13 +107,17 @@ def costs_per_step(reports: dict[str, dict], path: Path) -> Path:
         memory.plot(
             [s["step"] for s in steps],
             [s["activation_bytes"] / MIB for s in steps],
-            label=label,
+            label=_label(label),
             color=_colour(label),
             lw=1,
         )
         sampled = [s for s in steps if s["flops"] is not None]
         flops.plot(
-            [s["step"] for s in sampled], [s["flops"] / 1e9 for s in sampled], "o-", label=label, color=_colour(label)
+            [s["step"] for s in sampled],
+            [s["flops"] / 1e9 for s in sampled],
+            "o-",
+            label=_label(label),
+            color=_colour(label),
         )
     memory.set(xlabel="optimizer step", ylabel="MiB saved for backward", title="activation memory per step")
     flops.set(xlabel="optimizer step", ylabel="GFLOPs (fwd + bwd)", title="computation per step (sampled)")
@@ -133,7 +134,7 @@ def loss_curves(reports: dict[str, dict], path: Path) -> Path:
         losses = [s["loss"] for s in report["steps"]]
         smooth = [statistics.fmean(losses[max(0, i - 9) : i + 1]) for i in range(len(losses))]
         axes.plot(steps, losses, color=_colour(label), alpha=0.25, lw=0.8)
-        axes.plot(steps, smooth, color=_colour(label), label=label, lw=1.8)
+        axes.plot(steps, smooth, color=_colour(label), label=_label(label), lw=1.8)
 
     return _per_step_axes(reports, path, "training loss", "training loss", draw)
 
@@ -150,7 +151,13 @@ def tradeoff_scatter(table: list[dict], path: Path) -> Path:
                 continue
             method = entry["method"]
             axes.errorbar(
-                x, entry["score_mean"], yerr=entry["score_std"], fmt="o", color=_colour(method), capsize=3, label=method
+                x,
+                entry["score_mean"],
+                yerr=entry["score_std"],
+                fmt="o",
+                color=_colour(method),
+                capsize=3,
+                label=_label(method),
             )
         first = next(e for e in table if e["task"] == task)
         axes.set(xlabel="mean activation memory / LoRA's", ylabel=first["metric"], title=f"{task} ({first['model']})")

@@ -2,7 +2,8 @@
 
 A run directory appears whole or not at all: everything is written into a hidden staging
 directory beside ``--out`` and renamed into place at the end. Only the run's checkpoints
-(``checkpoints/``, each written atomically on its own) live in ``--out`` while it trains.
+(``checkpoints/``, each written atomically on its own) and ``metrics.jsonl`` (one whole line
+per finished step, records.py) live in ``--out`` while it trains.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from safefreeze.adapters.bottleneck import is_bottleneck_model, save_bottleneck
 from safefreeze.core.config import ConfigError
 from safefreeze.core.state import write_state
 from safefreeze.training import checkpoint
+from safefreeze.training.records import METRICS_NAME
 
 MIB = 2**20
 
@@ -33,11 +35,13 @@ def check_out_dir(out: Path, identity: dict | None = None, overwrite: bool = Fal
     checkpoints = checkpoint.listing(out / checkpoint.CHECKPOINT_DIR)
     finished = out / "report.json"
     if out.is_dir() and any(out.iterdir()):
-        if not (finished.exists() or checkpoints or (out / "comparison.json").exists()):
+        # A run stopped before its first checkpoint leaves only its metrics: nothing to resume, a new run replaces them.
+        started_only = not (finished.exists() or checkpoints) and [p.name for p in out.iterdir()] == [METRICS_NAME]
+        if not (finished.exists() or checkpoints or started_only or (out / "comparison.json").exists()):
             raise ConfigError(
                 f"--out {out} already holds files that are not a safefreeze run; choose an empty directory"
             )
-        if identity is not None and not overwrite:
+        if identity is not None and not overwrite and not started_only:
             held = _held_identity(finished, checkpoints)
             if held != identity:
                 raise ConfigError(
@@ -87,7 +91,7 @@ def write_run(out: Path, report: dict, model=None, freezer=None) -> None:
     """Write report.json, report.md and the trained adapter (``adapter/``) or model (``model/``).
 
     With a ``freezer``, SAFE's state goes beside the adapter as ``adapter/safe_state.json``.
-    The run's checkpoints (``checkpoints/``) stay.
+    The run's checkpoints (``checkpoints/``) and ``metrics.jsonl`` stay.
     """
 
     def fill(staging: Path) -> None:
@@ -100,7 +104,7 @@ def write_run(out: Path, report: dict, model=None, freezer=None) -> None:
         if freezer is not None:
             write_state(freezer, staging / "adapter")
 
-    write_atomically(out, fill, keep=(checkpoint.CHECKPOINT_DIR,))
+    write_atomically(out, fill, keep=(checkpoint.CHECKPOINT_DIR, METRICS_NAME))
 
 
 def write_atomically(out: Path, fill, keep: tuple[str, ...] = ()) -> None:

@@ -28,13 +28,10 @@ from collections import Counter
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from safefreeze.core.config import ConfigError, SafeConfig
-from safefreeze.core.decisions import PlannedStrategy
-from safefreeze.core.units import AdapterUnit, find_units
+from safefreeze.core.units import AdapterUnit
 
-BASELINES = ("random", "adapterdrop", "freezeout")
 FREEZEOUT_T0 = 0.8
 
 
@@ -127,9 +124,3 @@ def baseline_plan(config, safe: SafeConfig, units: list[AdapterUnit], total_step
             f"--drop-blocks {drop} leaves fewer than --min-trainable {safe.min_trainable} of the {len(blocks)} blocks"
         )
     return adapterdrop_plan(units, drop)
-
-
-def planned_strategy(config, safe: SafeConfig, model: nn.Module, total_steps: int) -> PlannedStrategy:
-    """The ``PlannedStrategy`` of baseline ``config.method``, for ``SafeFreezer(..., strategy=...)``."""
-    units = find_units(model, safe.granularity)
-    return PlannedStrategy(baseline_plan(config, safe, units, total_steps), units)

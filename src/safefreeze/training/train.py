@@ -1,10 +1,17 @@
-"""The reference training loop: plain PyTorch, AdamW, linear LR schedule, seeded.
+"""The reference training loop as a recipe: set up, one ``step`` per optimizer step, finish.
 
-One loop serves every method: ``full`` (all weights), ``lora`` (PEFT LoRA), ``safe``
-(LoRA + ``SafeFreezer``) and the freezing baselines ``random``, ``adapterdrop`` and
-``freezeout`` (LoRA + a planned freezer, baselines.py). Every step is measured the same
-way (accounting.py): bytes autograd saves for backward, FLOPs on sampled steps, seconds on
-the others.
+Plain PyTorch, AdamW with a linear LR schedule, seeded. One loop serves every method of
+the method table (methods.py): ``full`` (all weights), ``lora`` (an adapter), ``safe``
+(an adapter + ``SafeFreezer``) and the freezing baselines (an adapter + a planned
+``SafeFreezer``). Every step is measured the same way (accounting.py): bytes autograd
+saves for backward, FLOPs on sampled steps, seconds on the others; it leaves one
+``StepRecord`` (records.py), in the report and, with a run directory, in ``metrics.jsonl``.
+
+    train(config, safe)
+      setup     model + adapter, optimizer, scheduler, freezer, prefix cache; resume; DDP wrapper
+      for each batch:  step   forward + backward (measured), update, freeze decision → StepRecord
+                       keep   the record; a checkpoint when due or asked to stop
+      finish    unmerge, evaluate on the held-out split, report
 """
 
 from __future__ import annotations
@@ -13,8 +20,9 @@ import math
 import os
 import random
 import tempfile
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
 
@@ -24,155 +32,24 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
-from safefreeze.adapters.bottleneck import KINDS as BOTTLENECK_KINDS
 from safefreeze.adapters.bottleneck import BottleneckConfig, add_bottleneck
 from safefreeze.core import accounting
 from safefreeze.core.config import ConfigError, SafeConfig
 from safefreeze.core.freezer import SafeFreezer
-from safefreeze.core.units import find_blocks, find_units
+from safefreeze.core.probe import draw_probe
+from safefreeze.core.units import AdapterUnit, find_blocks, find_units
 from safefreeze.training import checkpoint, distributed, faults
-from safefreeze.training.baselines import BASELINES, planned_strategy
 from safefreeze.training.checkpoint import Checkpoints, Progress
+from safefreeze.training.config import TrainConfig
 from safefreeze.training.data import Collator, TaskData, check_task, encode, epoch_order, iterate_batches
 from safefreeze.training.datafiles import load_dataset
+from safefreeze.training.methods import METHODS, freezes
 from safefreeze.training.metrics import classification_metrics, language_model_metrics
 from safefreeze.training.models import add_lora, load_model, load_tokenizer, model_kind, resolve_model
 from safefreeze.training.prefix_cache import CACHE_DTYPES, PrefixCache
+from safefreeze.training.records import METRICS_NAME, MetricsWriter, StepRecord
 
-METHODS = ("lora", "safe", "full", *BASELINES)
-ADAPTERS = ("lora", *BOTTLENECK_KINDS)
-DEFAULT_LR = {"full": 5e-5, "lora": 1e-3, "safe": 1e-3, **dict.fromkeys(BASELINES, 1e-3)}
 DEFAULT_MAX_LENGTH = {"classification": 64, "causal_lm": 128}
-
-
-@dataclass
-class TrainConfig:
-    """One training run. Help texts feed ``safefreeze train --help``."""
-
-    model: str = field(
-        default="minilm",
-        metadata={"help": "bundled model (minilm, smollm2), a local Hugging Face model directory or a .gguf file"},
-    )
-    dataset: str = field(
-        default="trec",
-        metadata={
-            "help": "bundled dataset (trec, movies: classification; hamlet: causal LM) or your file: "
-            ".csv/.jsonl (classification, see --text-column, --label-column) or .txt (causal LM)"
-        },
-    )
-    text_column: str = field(default="text", metadata={"help": "--dataset .csv/.jsonl: column holding the text"})
-    text_pair_column: str | None = field(
-        default=None, metadata={"help": "--dataset .csv/.jsonl: column holding the second text of a pair"}
-    )
-    label_column: str = field(default="label", metadata={"help": "--dataset .csv/.jsonl: column holding the label"})
-    method: str = field(
-        default="safe",
-        metadata={
-            "help": "lora (the adapter alone), safe (adapter + selective freezing), full fine-tuning, "
-            "or a freezing baseline: random, adapterdrop, freezeout (see baselines.py)"
-        },
-    )
-    adapter: str = field(
-        default="lora",
-        metadata={"help": "adapter kind: lora (PEFT), houlsby or pfeiffer (bottleneck adapters)"},
-    )
-    target_modules: str | None = field(
-        default=None,
-        metadata={"help": "LoRA: comma-separated module names to adapt (e.g. query,key,value) or all-linear"},
-    )
-    reduction_factor: int = field(
-        default=16, metadata={"help": "bottleneck adapters: width = hidden size / reduction factor"}
-    )
-    epochs: float = field(default=3.0, metadata={"help": "passes over the training split (ignored with --max-steps)"})
-    max_steps: int | None = field(default=None, metadata={"help": "stop after this many optimizer steps"})
-    batch_size: int = field(default=32, metadata={"help": "examples per optimizer step"})
-    lr: float | None = field(
-        default=None, metadata={"help": "peak learning rate (default: 1e-3 for adapters, 5e-5 for full)"}
-    )
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
-    lr_warmup_ratio: float = field(default=0.06, metadata={"help": "fraction of steps the learning rate ramps up over"})
-    max_length: int | None = field(
-        default=None, metadata={"help": "tokens per example (default 64; 128 for causal LM)"}
-    )
-    rank: int = field(default=8, metadata={"help": "LoRA rank"})
-    alpha: float = field(default=16.0, metadata={"help": "LoRA alpha (scale = alpha / rank)"})
-    lora_dropout: float = field(default=0.1, metadata={"help": "dropout on the LoRA branch input"})
-    seed: int = field(default=0, metadata={"help": "seed for initialisation, data order and dropout"})
-    eval_batch_size: int = field(default=64, metadata={"help": "examples per evaluation batch"})
-    flops_every: int = field(default=25, metadata={"help": "count FLOPs on step 1 and every N steps after"})
-    device: str = field(default="auto", metadata={"help": "cpu, cuda, cuda:N or auto"})
-    train_examples: int | None = field(
-        default=None, metadata={"help": "train on the first N training examples only (quick experiments, benchmarks)"}
-    )
-    eval_examples: int | None = field(
-        default=None,
-        metadata={"help": "evaluate on the first N held-out examples only (quick experiments, benchmarks)"},
-    )
-    prefix_cache: bool = field(
-        default=False,
-        metadata={"help": "safe: cache what the frozen bottom blocks output per example (eval mode) and skip them"},
-    )
-    cache_max_gb: float = field(default=4.0, metadata={"help": "prefix cache: largest size of its file, in GB"})
-    cache_dtype: str = field(default="float16", metadata={"help": "prefix cache: float16 or float32"})
-    cache_dir: str | None = field(
-        default=None,
-        metadata={"help": "prefix cache: directory of its file (default: the run directory or a temp dir)"},
-    )
-    reference: str | None = field(
-        default=None,
-        metadata={"help": "SAFE run directory whose freezing the random and adapterdrop baselines follow"},
-    )
-    drop_blocks: int | None = field(
-        default=None, metadata={"help": "adapterdrop: blocks from the bottom with no trained adapter"}
-    )
-
-    def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ConfigError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
-        if self.batch_size < 1:
-            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise ConfigError(f"max_steps must be >= 1, got {self.max_steps}")
-        if self.epochs <= 0:
-            raise ConfigError(f"epochs must be > 0, got {self.epochs}")
-        if self.lr is not None and not 0 < self.lr < 1:
-            raise ConfigError(f"lr must be in (0, 1), got {self.lr}")
-        if not 0 <= self.lr_warmup_ratio < 1:
-            raise ConfigError(f"lr_warmup_ratio must be in [0, 1), got {self.lr_warmup_ratio}")
-        if self.weight_decay < 0:
-            raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay}")
-        if not 0 <= self.lora_dropout < 1 or self.alpha <= 0:
-            raise ConfigError(f"lora_dropout must be in [0, 1) and alpha > 0, got {self.lora_dropout} and {self.alpha}")
-        if self.max_length is not None and self.max_length < 2:
-            raise ConfigError(f"max_length must be >= 2 tokens, got {self.max_length}")
-        if self.flops_every < 1 or self.eval_batch_size < 1 or self.rank < 1 or self.reduction_factor < 1:
-            raise ConfigError("flops_every, eval_batch_size, rank and reduction_factor must be >= 1")
-        if self.adapter not in ADAPTERS:
-            raise ConfigError(f"unknown adapter {self.adapter!r}; choose one of {', '.join(ADAPTERS)}")
-        if self.target_modules is not None and self.adapter != "lora":
-            raise ConfigError("--target-modules applies to --adapter lora; bottleneck adapters sit after known layers")
-        if self.prefix_cache and self.method != "safe":
-            raise ConfigError("prefix_cache needs method safe: only SAFE freezes a prefix of blocks")
-        for name in ("train_examples", "eval_examples"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.cache_max_gb <= 0:
-            raise ConfigError(f"cache_max_gb must be > 0, got {self.cache_max_gb}")
-        if self.cache_dtype not in CACHE_DTYPES:
-            raise ConfigError(f"cache_dtype must be one of {', '.join(CACHE_DTYPES)}, got {self.cache_dtype!r}")
-        if self.drop_blocks is not None and self.drop_blocks < 0:
-            raise ConfigError(f"drop_blocks must be >= 0, got {self.drop_blocks}")
-
-    @property
-    def learning_rate(self) -> float:
-        return self.lr if self.lr is not None else DEFAULT_LR[self.method]
-
-    @property
-    def target_module_list(self) -> list[str] | str | None:
-        """``--target-modules`` as PEFT takes it: a list of names, ``"all-linear"`` or None."""
-        if self.target_modules is None or self.target_modules == "all-linear":
-            return self.target_modules
-        return [name.strip() for name in self.target_modules.split(",") if name.strip()]
 
 
 @dataclass
@@ -184,6 +61,245 @@ class RunResult:
     freezer: SafeFreezer | None = None
 
 
+@dataclass
+class Run:
+    """Everything a run holds while it trains, built by ``setup``; ``progress`` is where it is."""
+
+    config: TrainConfig
+    safe: SafeConfig
+    group: distributed.Group
+    device: torch.device
+    task: TaskData
+    train_examples: list[dict]
+    test_examples: list[dict]
+    collate: Collator
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    freezer: SafeFreezer | None
+    units: list[AdapterUnit]  # the adapter units the report lists (none for full fine-tuning)
+    cache: PrefixCache | None
+    replica: distributed.Replica
+    scopes: dict[str, nn.Module]  # blocks whose saved bytes are counted apart
+    steps_per_epoch: int
+    total_steps: int
+    checkpoints: Checkpoints
+    progress: Progress
+    metrics: MetricsWriter | None
+    trainable_at_start: int
+    started: float  # clock at the start of this process's training
+    trained_before: float  # seconds trained before a resume
+
+
+def train(
+    config: TrainConfig,
+    safe: SafeConfig | None = None,
+    progress: bool = True,
+    checkpoints: Checkpoints | None = None,
+    out: Path | None = None,
+) -> RunResult:
+    """Train, measure every step, evaluate on the held-out split; return the report and model.
+
+    Under ``torchrun`` every process calls this; they train one model with DDP
+    (distributed.py) and rank 0 evaluates (the report of other ranks has empty ``eval``).
+    ``checkpoints`` says where and how often to checkpoint and what to resume from; ``out``
+    is the run directory, where rank 0 streams ``metrics.jsonl``.
+
+    Raises:
+        faults.TrainingHalted: the loss stopped being finite, or SIGINT/SIGTERM arrived
+            (a checkpoint is saved first, if ``checkpoints`` has a directory).
+    """
+    run = setup(config, safe or SafeConfig(seed=config.seed), checkpoints or Checkpoints(), out)
+    description = f"{config.method} {config.dataset}"
+    bar = tqdm(total=run.total_steps, initial=run.progress.step, desc=description, disable=not progress, leave=False)
+    try:
+        with faults.stop_requests() as stop_requested, bar:
+            for indices, batch in batches(run):
+                record, stop = step(run, indices, batch, stop_requested.is_set())
+                keep(run, record, save=stop and run.checkpoints.directory is not None)
+                if stop:
+                    raise faults.interrupted(record.step, run.checkpoints.last)
+                bar.update(1)
+                bar.set_postfix(loss=f"{record.loss:.3f}", frozen=record.frozen_units)
+    finally:
+        if run.metrics is not None:
+            run.metrics.close()
+    return finish(run, progress)
+
+
+def setup(config: TrainConfig, safe: SafeConfig, checkpoints: Checkpoints, out: Path | None = None) -> Run:
+    """Build everything the run needs, on this process's device; load the checkpoint it resumes from."""
+    device = resolve_device(config.device)
+    group = distributed.setup(device)
+    distributed.check_batch_size(config.batch_size, group.world_size)
+    device = group.pin(device)
+    task, tokenizer, train_examples, test_examples, model = prepare(config)
+    model.to(device)
+    collate = Collator(tokenizer, task.kind)
+    steps_per_epoch = math.ceil(len(train_examples) / config.batch_size)
+    total_steps = config.max_steps or math.ceil(config.epochs * steps_per_epoch)
+    optimizer, scheduler = make_optimizer(config, model, total_steps)
+
+    def probe() -> dict[str, torch.Tensor]:
+        order = epoch_order(len(train_examples), config.seed, epoch=-1)  # an order no epoch uses
+        return draw_probe(train_examples, collate, safe.probe_size, order)
+
+    freezer = make_freezer(config, safe, model, optimizer, total_steps, probe, group)
+    blocks = find_blocks(model)
+    cache = make_prefix_cache(config, model, blocks, train_examples) if config.prefix_cache else None
+    units = freezer.units if freezer else (find_units(model) if METHODS[config.method].adapter else [])
+    trainable_at_start = accounting.trainable_parameters(model)
+    progress = Progress()
+    if checkpoints.resume_from is not None:
+        checkpoint.restore(
+            checkpoints.resume_from, model, optimizer, scheduler, freezer, progress, group.rank, group.world_size
+        )
+    model.train()
+    replica = distributed.Replica(model, group)
+    metrics = MetricsWriter(out / METRICS_NAME, progress.records) if out is not None and group.is_main else None
+    return Run(
+        config,
+        safe,
+        group,
+        device,
+        task,
+        train_examples,
+        test_examples,
+        collate,
+        model,
+        optimizer,
+        scheduler,
+        freezer,
+        units,
+        cache,
+        replica,
+        {f"block.{i}": block for i, block in blocks.items()},
+        steps_per_epoch,
+        total_steps,
+        checkpoints,
+        progress,
+        metrics,
+        trainable_at_start,
+        started=accounting.now(device),
+        trained_before=progress.train_seconds,
+    )
+
+
+def batches(run: Run) -> Iterator[tuple[list[int], dict[str, torch.Tensor]]]:
+    """This rank's batches, with their example indices, from the step after ``run.progress.step`` to the last.
+
+    Each epoch's order is fixed by (seed, epoch) and dealt to the ranks (``Group.shard``); a
+    resumed run skips the batches its epoch had done.
+    """
+    config, group = run.config, run.group
+    local_batch_size = config.batch_size // group.world_size
+    for epoch in range(run.progress.step // run.steps_per_epoch, math.ceil(run.total_steps / run.steps_per_epoch)):
+        order = group.shard(epoch_order(len(run.train_examples), config.seed, epoch), config.batch_size)
+        done = run.progress.step - epoch * run.steps_per_epoch  # > 0 only in the epoch a resumed run starts in
+        order = order[done * local_batch_size :]
+        collated = iterate_batches(run.train_examples, local_batch_size, run.collate, order)
+        for first, batch in zip(range(0, len(order), local_batch_size), collated, strict=True):
+            if run.progress.step >= run.total_steps:
+                return
+            yield order[first : first + local_batch_size], batch
+
+
+def step(run: Run, indices: list[int], batch: dict[str, torch.Tensor], stop_requested: bool) -> tuple[StepRecord, bool]:
+    """One optimizer step: forward and backward (measured), the update, the freeze decision.
+
+    Returns the step's record and whether any rank was asked to stop (agreed in the loss's all-reduce).
+    """
+    number = run.progress.step + 1
+    batch = {k: v.to(run.device) for k, v in batch.items()}
+    sample_flops = (number - 1) % run.config.flops_every == 0
+    start = accounting.now(run.device)
+    counter = accounting.flop_counter(sample_flops)
+    with accounting.record_saved_tensors(run.model, run.scopes) as saved, counter:
+        # Inside the counter: a cache miss runs the frozen prefix here, and that is this step's work.
+        with run.cache.feeding(run.freezer.frozen_prefix(), indices, batch) if run.cache else nullcontext():
+            loss = run.replica(**batch).loss
+            loss.backward()
+    flops = counter.get_total_flops()
+    loss_value, stop = run.group.agree(loss, stop_requested)
+    faults.check_loss(loss_value, number, run.checkpoints.last)
+    lr = run.optimizer.param_groups[0]["lr"]
+    torch.nn.utils.clip_grad_norm_([p for p in run.model.parameters() if p.requires_grad], 1.0)
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    seconds = accounting.now(run.device) - start
+    rebuild_seconds = decide(run, number)
+    frozen = len(run.freezer.frozen) if run.freezer else 0
+    record = StepRecord(
+        step=number,
+        loss=loss_value,
+        lr=lr,
+        activation_bytes=saved.bytes,
+        flops=flops,
+        seconds=None if sample_flops else seconds,
+        ddp_rebuild_seconds=rebuild_seconds,
+        frozen_units=frozen,
+        trainable_units=len(run.units) - frozen,
+    )
+    return record, stop
+
+
+def decide(run: Run, number: int) -> float | None:
+    """The freezer's decision after step ``number`` (one ``FreezeEvent``); under DDP, the seconds it took to
+    rebuild the wrapper when the event froze something (DDP's reducer must forget the frozen parameters)."""
+    if run.freezer is None or not run.freezer.is_due(number):
+        return None
+    start = accounting.now(run.device)
+    event = run.freezer.step(number)
+    run.progress.scoring_seconds += accounting.now(run.device) - start
+    if not event.frozen_now or run.group.world_size == 1:
+        return None
+    start = accounting.now(run.device)
+    run.replica.rebuild()
+    return accounting.now(run.device) - start
+
+
+def keep(run: Run, record: StepRecord, save: bool = False) -> None:
+    """Record a finished step (report, ``metrics.jsonl``); checkpoint it when due or when ``save``."""
+    run.progress.step = record.step
+    run.progress.records.append(record.to_dict())
+    if run.metrics is not None:
+        run.metrics.write(record.to_dict())
+    run.progress.train_seconds = run.trained_before + accounting.now(run.device) - run.started
+    if run.checkpoints.due(record.step) or save:
+        rng = run.group.gather(checkpoint.rng_state())
+        state = checkpoint.capture(
+            run.model,
+            run.optimizer,
+            run.scheduler,
+            run.freezer,
+            run.progress,
+            run.steps_per_epoch,
+            run_identity(run.config, run.safe),
+            rng,
+        )
+        run.checkpoints.last = run.group.on_main(partial(run.checkpoints.save, state))
+
+
+def finish(run: Run, progress: bool = False) -> RunResult:
+    """Unmerge merged units, close the cache, evaluate (rank 0) and build the report."""
+    merged_units = len(run.freezer.merged) if run.freezer else 0
+    if run.freezer is not None:
+        run.freezer.unmerge()  # evaluate and save a plain PEFT model; the adapter weights are the same
+    if run.cache is not None:
+        run.cache.close()
+    evaluation = {}
+    if run.group.is_main:
+        config = run.config
+        evaluation = evaluate(
+            run.model, run.task, run.test_examples, run.collate, config.eval_batch_size, run.device, progress
+        )
+    report = build_report(run, evaluation)
+    report["summary"]["merged_units"] = merged_units
+    return RunResult(report, run.model, run.freezer)
+
+
+# -- factories ------------------------------------------------------------------------
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -198,8 +314,7 @@ def resolve_device(name: str) -> torch.device:
 
 def run_identity(config: TrainConfig, safe: SafeConfig) -> dict:
     """What makes two runs the same run: their configurations (report.json and checkpoints hold it)."""
-    freezes = config.method == "safe" or config.method in BASELINES
-    return {"config": asdict(config), "safe_config": safe.to_dict() if freezes else None}
+    return {"config": asdict(config), "safe_config": safe.to_dict() if freezes(config.method) else None}
 
 
 def prepare(config: TrainConfig):
@@ -224,7 +339,7 @@ def prepare(config: TrainConfig):
         raise ConfigError(f"{config.dataset} has no test examples at max_length {max_length}")
     seed_everything(config.seed)
     model = load_model(source, task.kind, len(task.labels), tokenizer.pad_token_id)
-    if config.method != "full":
+    if METHODS[config.method].adapter:
         model = add_adapter(model, task.kind, config)
     return task, tokenizer, train_examples, test_examples, model
 
@@ -237,157 +352,46 @@ def add_adapter(model: nn.Module, kind: str, config: TrainConfig) -> nn.Module:
     return add_bottleneck(model, BottleneckConfig(config.adapter, config.reduction_factor, head))
 
 
-def train(
-    config: TrainConfig,
-    safe: SafeConfig | None = None,
-    progress: bool = True,
-    checkpoints: Checkpoints | None = None,
-) -> RunResult:
-    """Train, measure every step, evaluate on the held-out split; return the report and model.
-
-    Under ``torchrun`` every process calls this; they train one model with DDP
-    (distributed.py) and rank 0 evaluates (the report of other ranks has empty ``eval``).
-    ``checkpoints`` says where and how often to checkpoint and what to resume from.
-
-    Raises:
-        faults.TrainingHalted: the loss stopped being finite, or SIGINT/SIGTERM arrived
-            (a checkpoint is saved first, if ``checkpoints`` has a directory).
-    """
-    safe = safe or SafeConfig(seed=config.seed)
-    checkpoints = checkpoints or Checkpoints()
-    device = resolve_device(config.device)
-    group = distributed.setup(device)
-    distributed.check_batch_size(config.batch_size, group.world_size)
-    device = group.pin(device)
-    task, tokenizer, train_examples, test_examples, model = prepare(config)
-    model.to(device)
-    collate = Collator(tokenizer, task.kind)
-
-    steps_per_epoch = math.ceil(len(train_examples) / config.batch_size)
-    total_steps = config.max_steps or math.ceil(config.epochs * steps_per_epoch)
+def make_optimizer(
+    config: TrainConfig, model: nn.Module, total_steps: int
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """AdamW over the parameters that require grad now, with a linear schedule and ``lr_warmup_ratio`` warm-up."""
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
     scheduler = get_linear_schedule_with_warmup(optimizer, round(config.lr_warmup_ratio * total_steps), total_steps)
-    freezer = None
-    if config.method == "safe":
-        if safe.warmup_steps is not None and safe.warmup_steps > total_steps:
-            raise ConfigError(f"warm-up of {safe.warmup_steps} steps is longer than the {total_steps} training steps")
-        probe_order = epoch_order(len(train_examples), config.seed, epoch=-1)[: safe.probe_size]
-        probe = collate([train_examples[i] for i in probe_order])
-        probe.pop("labels")
-        freezer = SafeFreezer(model, safe, optimizer, probe=probe, total_steps=total_steps, decide_on=group.on_main)
-    elif config.method in BASELINES:
-        strategy = planned_strategy(config, safe, model, total_steps)
-        freezer = SafeFreezer(model, safe, optimizer, strategy=strategy, decide_on=group.on_main)
-    blocks = find_blocks(model)
-    scopes = {f"block.{i}": block for i, block in blocks.items()}
-    cache = None
-    if config.prefix_cache:
-        cache = PrefixCache(
-            model,
-            [blocks[i] for i in sorted(blocks)],
-            [len(example["input_ids"]) for example in train_examples],
-            Path(config.cache_dir or tempfile.gettempdir()) / f".safefreeze-prefix-cache-{os.getpid()}.bin",
-            int(config.cache_max_gb * 1e9),
-            CACHE_DTYPES[config.cache_dtype],
-        )
-    trainable_at_start = accounting.trainable_parameters(model)
-    identity = run_identity(config, safe)
+    return optimizer, scheduler
 
-    run = Progress()
-    if checkpoints.resume_from is not None:
-        checkpoint.restore(
-            checkpoints.resume_from, model, optimizer, scheduler, freezer, run, group.rank, group.world_size
-        )
-    trained_before = run.train_seconds
-    model.train()
-    replica = distributed.Replica(model, group)
-    local_batch_size = config.batch_size // group.world_size
-    started = accounting.now(device)
-    bar = tqdm(
-        total=total_steps, initial=run.step, desc=f"{config.method} {config.dataset}", disable=not progress, leave=False
-    )
-    with faults.stop_requests() as stop_requested:
-        for epoch in range(run.step // steps_per_epoch, math.ceil(total_steps / steps_per_epoch)):
-            order = group.shard(epoch_order(len(train_examples), config.seed, epoch), config.batch_size)
-            done = run.step - epoch * steps_per_epoch  # > 0 only in the epoch a resumed run starts in
-            order = order[done * local_batch_size :]
-            batches = iterate_batches(train_examples, local_batch_size, collate, order)
-            for first, batch in zip(range(0, len(order), local_batch_size), batches, strict=True):
-                step = run.step + 1
-                if step > total_steps:
-                    break
-                batch = {k: v.to(device) for k, v in batch.items()}
-                sample_flops = (step - 1) % config.flops_every == 0
-                step_start = accounting.now(device)
-                counter = accounting.flop_counter(sample_flops)
-                indices = order[first : first + local_batch_size]
-                with accounting.record_saved_tensors(model, scopes) as saved, counter:
-                    # Inside the counter: a cache miss runs the frozen prefix here, and that is this step's work.
-                    with cache.feeding(freezer.frozen_prefix(), indices, batch) if cache else nullcontext():
-                        loss = replica(**batch).loss
-                        loss.backward()
-                flops = counter.get_total_flops()
-                loss_value, stop = group.agree(loss, stop_requested.is_set())
-                faults.check_loss(loss_value, step, checkpoints.last)
-                torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                seconds = accounting.now(device) - step_start
-                ddp_rebuild_seconds = None
-                if freezer is not None and freezer.is_due(step):
-                    score_start = accounting.now(device)
-                    event = freezer.step(step)
-                    run.scoring_seconds += accounting.now(device) - score_start
-                    if event.frozen_now and group.world_size > 1:  # DDP's reducer must forget the frozen parameters
-                        rebuild_start = accounting.now(device)
-                        replica.rebuild()
-                        ddp_rebuild_seconds = accounting.now(device) - rebuild_start
-                run.step = step
-                run.records.append(
-                    {
-                        "step": step,
-                        "loss": loss_value,
-                        "activation_bytes": saved.bytes,
-                        "flops": flops,
-                        "seconds": None if sample_flops else seconds,
-                        "ddp_rebuild_seconds": ddp_rebuild_seconds,
-                        "frozen_units": len(freezer.frozen) if freezer else 0,
-                    }
-                )
-                run.train_seconds = trained_before + accounting.now(device) - started
-                if checkpoints.due(step) or (stop and checkpoints.directory is not None):
-                    rng = group.gather(checkpoint.rng_state())
-                    state = checkpoint.capture(
-                        model, optimizer, scheduler, freezer, run, steps_per_epoch, identity, rng
-                    )
-                    checkpoints.last = group.on_main(partial(checkpoints.save, state))
-                if stop:
-                    raise faults.interrupted(step, checkpoints.last)
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss_value:.3f}", frozen=len(freezer.frozen) if freezer else 0)
-    bar.close()
-    merged_units = len(freezer.merged) if freezer else 0
-    if freezer is not None:
-        freezer.unmerge()  # evaluate and save a plain PEFT model; the adapter weights are the same
-    if cache is not None:
-        cache.close()
 
-    evaluation = (
-        evaluate(model, task, test_examples, collate, config.eval_batch_size, device, progress) if group.is_main else {}
+def make_freezer(
+    config: TrainConfig,
+    safe: SafeConfig,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    total_steps: int,
+    probe: Callable[[], dict[str, torch.Tensor]],
+    group: distributed.Group,
+) -> SafeFreezer | None:
+    """The method's ``SafeFreezer`` (its decision strategy from the method table), deciding on rank 0; None if
+    the method freezes nothing. ``probe`` draws SAFE's probe batch, for the strategies that score."""
+    build = METHODS[config.method].strategy
+    if build is None:
+        return None
+    strategy = build(config, safe, model, total_steps, probe)
+    return SafeFreezer(model, safe, optimizer, strategy=strategy, decide_on=group.on_main)
+
+
+def make_prefix_cache(
+    config: TrainConfig, model: nn.Module, blocks: dict[int, nn.Module], examples: list[dict]
+) -> PrefixCache:
+    """The frozen-prefix cache's file in ``cache_dir`` (or the temp dir), sized by ``cache_max_gb``."""
+    return PrefixCache(
+        model,
+        [blocks[i] for i in sorted(blocks)],
+        [len(example["input_ids"]) for example in examples],
+        Path(config.cache_dir or tempfile.gettempdir()) / f".safefreeze-prefix-cache-{os.getpid()}.bin",
+        int(config.cache_max_gb * 1e9),
+        CACHE_DTYPES[config.cache_dtype],
     )
-    report = build_report(config, safe, task, model, freezer, optimizer, run.records, evaluation)
-    report["summary"].update(
-        train_seconds=run.train_seconds,
-        scoring_seconds=run.scoring_seconds,
-        trainable_parameters_start=trainable_at_start,
-        cuda_peak_bytes=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
-        merged_units=merged_units,
-        prefix_cache=cache.stats() if cache else None,
-        world_size=group.world_size,
-    )
-    return RunResult(report, model, freezer)
 
 
 @torch.no_grad()
@@ -420,9 +424,9 @@ def evaluate(
     return language_model_metrics(total_loss, total_tokens)
 
 
-def build_report(config, safe, task, model, freezer, optimizer, steps, evaluation) -> dict:
+def build_report(run: Run, evaluation: dict[str, float]) -> dict:
     """The run's report.json content (schema in README, "report.json")."""
-    units = freezer.units if freezer else (find_units(model) if config.method == "lora" else [])
+    config, freezer, model, steps = run.config, run.freezer, run.model, run.progress.records
     unit_rows = [
         {
             "name": unit.name,
@@ -430,7 +434,7 @@ def build_report(config, safe, task, model, freezer, optimizer, steps, evaluatio
             "frozen_at_step": freezer.frozen.get(unit.name) if freezer else None,
             "scores": freezer.history[unit.name] if freezer else [],
         }
-        for unit in units
+        for unit in run.units
     ]
     activation = [s["activation_bytes"] for s in steps]
     flops = [s["flops"] for s in steps if s["flops"] is not None]
@@ -440,10 +444,10 @@ def build_report(config, safe, task, model, freezer, optimizer, steps, evaluatio
         "model": config.model,
         "dataset": config.dataset,
         "seed": config.seed,
-        **run_identity(config, safe),
+        **run_identity(config, run.safe),
         "warmup_steps": freezer.warmup_steps if freezer else None,
         "eval": evaluation,
-        "labels": task.labels,
+        "labels": run.task.labels,
         "units": unit_rows,
         "steps": steps,
         "summary": {
@@ -452,8 +456,14 @@ def build_report(config, safe, task, model, freezer, optimizer, steps, evaluatio
             "flops_per_step_mean": sum(flops) / len(flops) if flops else None,
             "seconds_per_step_mean": sum(seconds) / len(seconds) if seconds else None,
             "frozen_units": len(freezer.frozen) if freezer else 0,
-            "total_units": len(units),
+            "total_units": len(run.units),
             "trainable_parameters_end": accounting.trainable_parameters(model),
-            "optimizer_state_bytes_end": accounting.optimizer_state_bytes(optimizer),
+            "optimizer_state_bytes_end": accounting.optimizer_state_bytes(run.optimizer),
+            "train_seconds": run.progress.train_seconds,
+            "scoring_seconds": run.progress.scoring_seconds,
+            "trainable_parameters_start": run.trainable_at_start,
+            "cuda_peak_bytes": torch.cuda.max_memory_allocated(run.device) if run.device.type == "cuda" else None,
+            "prefix_cache": run.cache.stats() if run.cache else None,
+            "world_size": run.group.world_size,
         },
     }

@@ -1,0 +1,108 @@
+"""The method table: every method a run, the bench or a plot can name, and how each is built.
+
+One row per method says how its run is built (default learning rate, whether it trains
+an adapter, which decision strategy freezes its units), whether it follows a SAFE run's
+freezing (``--reference``: the bench runs that SAFE cell first), and how plots show it.
+Training methods are the rows ``safefreeze train --method`` takes; a *variant* (``safe+merge``
+...) is a bench row that trains its ``base`` method with a few options switched on.
+
+    lora         the adapter alone                      nothing freezes
+    safe         adapter + selective freezing (SAFE)    ScoredStrategy: CKA importance, threshold, policy
+    full         full fine-tuning                       nothing freezes, no adapter
+    random       SAFE's freeze counts, random units     PlannedStrategy (baselines.py)
+    adapterdrop  no trained adapter in the lowest k     PlannedStrategy, at step 0
+    freezeout    bottom-up on a cubic time schedule     PlannedStrategy
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from safefreeze.core.config import ConfigError, SafeConfig
+from safefreeze.core.decisions import DecisionStrategy, PlannedStrategy, ScoredStrategy
+from safefreeze.core.units import find_units
+from safefreeze.training.baselines import baseline_plan
+
+# (config: TrainConfig, safe, model, total_steps, probe: () -> batch) -> the run's decision strategy
+StrategyFactory = Callable[
+    [object, SafeConfig, nn.Module, int, Callable[[], dict[str, torch.Tensor]]], DecisionStrategy
+]
+
+
+def scored_strategy(config, safe: SafeConfig, model: nn.Module, total_steps: int, probe) -> ScoredStrategy:
+    """SAFE: score the units on the probe batch during a warm-up that fits in the run."""
+    if safe.warmup_steps is not None and safe.warmup_steps > total_steps:
+        raise ConfigError(f"warm-up of {safe.warmup_steps} steps is longer than the {total_steps} training steps")
+    return ScoredStrategy(model, safe, find_units(model, safe.granularity), probe(), total_steps)
+
+
+def planned_strategy(config, safe: SafeConfig, model: nn.Module, total_steps: int, probe) -> PlannedStrategy:
+    """A baseline: the plan of ``config.method`` (baselines.py); nothing is scored, so no probe is drawn."""
+    units = find_units(model, safe.granularity)
+    return PlannedStrategy(baseline_plan(config, safe, units, total_steps), units)
+
+
+@dataclass(frozen=True)
+class Method:
+    """One row of the method table (module docstring).
+
+    ``strategy`` builds the decision strategy of a freezing method (None: nothing freezes);
+    ``base``, ``train`` and ``safe`` make a bench variant: the ``base`` method with these
+    ``TrainConfig`` and ``SafeConfig`` overrides.
+    """
+
+    name: str
+    label: str
+    colour: str
+    lr: float = 1e-3
+    adapter: bool = True
+    strategy: StrategyFactory | None = None
+    follows_safe: bool = False
+    base: str | None = None
+    train: dict = field(default_factory=dict)
+    safe: dict = field(default_factory=dict)
+
+    @property
+    def trains(self) -> str:
+        """The training method a run of this row is (itself, or a variant's base)."""
+        return self.base or self.name
+
+
+_ROWS = (
+    Method("lora", "LoRA", "tab:blue"),
+    Method("safe", "SAFE", "tab:red", strategy=scored_strategy),
+    Method("random", "random freezing", "tab:gray", strategy=planned_strategy, follows_safe=True),
+    Method("adapterdrop", "AdapterDrop", "tab:green", strategy=planned_strategy, follows_safe=True),
+    Method("freezeout", "FreezeOut", "tab:purple", strategy=planned_strategy),
+    Method("full", "full fine-tuning", "tab:brown", lr=5e-5, adapter=False),
+    # SAFE with the switches that go beyond the paper (issue 6), compared in the bench.
+    Method("safe+merge", "SAFE + merge", "tab:orange", base="safe", safe={"merge_frozen": True}),
+    Method("safe+cache", "SAFE + prefix cache", "tab:pink", base="safe", train={"prefix_cache": True}),
+    Method(
+        "safe+all",
+        "SAFE + merge + cache + resource",
+        "tab:olive",
+        base="safe",
+        train={"prefix_cache": True},
+        safe={"merge_frozen": True, "policy": "resource"},
+    ),
+    Method("safe-resource", "SAFE, resource policy", "tab:cyan", base="safe", safe={"policy": "resource"}),
+)
+METHODS: dict[str, Method] = {row.name: row for row in _ROWS}
+TRAINING_METHODS = tuple(name for name, row in METHODS.items() if row.base is None)
+
+
+def method(name: str) -> Method:
+    """The row named ``name``; ``ConfigError`` naming every method if there is none."""
+    if name not in METHODS:
+        raise ConfigError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}")
+    return METHODS[name]
+
+
+def freezes(name: str) -> bool:
+    """Whether the training method ``name`` freezes units (its runs carry a SAFE configuration)."""
+    return METHODS[name].strategy is not None
