@@ -12,6 +12,7 @@ found no instruction set shipped inside a PyPI package to use instead).
     python examples/sft_trl.py --max-steps 60
     python examples/sft_trl.py --max-steps 60 --no-safe          # the same run without SAFE
     python examples/sft_trl.py --bf16 --gradient-checkpointing --grad-accum 4
+    python examples/sft_trl.py --load-in-4bit                     # QLoRA (needs bitsandbytes)
     python examples/sft_trl.py --model path/to/model.gguf         # any model export_model takes
 """
 
@@ -46,7 +47,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--logging-steps", type=int, default=10)
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--gradient-checkpointing", action="store_true")
-    parser.add_argument("--tau", type=float, default=0.5, help="SAFE's final freezing threshold")
+    parser.add_argument(
+        "--load-in-4bit", action="store_true", help="QLoRA: the base model in 4 bits (bitsandbytes NF4)"
+    )
+    parser.add_argument(
+        "--tau", type=float, default=None, help="SAFE's final freezing threshold (default: SafeConfig's)"
+    )
     parser.add_argument("--no-safe", action="store_true", help="train plain LoRA, without the callback")
     return parser.parse_args(argv)
 
@@ -63,6 +69,12 @@ def model_folder(model: str, folder: Path) -> Path:
 
 
 def run(args: argparse.Namespace) -> SFTTrainer:
+    quantization = None
+    if args.load_in_4bit:
+        from transformers import BitsAndBytesConfig
+
+        compute = torch.bfloat16 if args.bf16 else torch.float32
+        quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute)
     config = SFTConfig(
         output_dir=args.out,
         max_steps=args.max_steps,
@@ -77,9 +89,11 @@ def run(args: argparse.Namespace) -> SFTTrainer:
         use_cpu=not torch.cuda.is_available(),  # the Trainer wants it said for bf16 on CPU
         report_to=[],  # "tensorboard", "wandb" ...: SAFE's scores and freezes are logged there too
         seed=0,
+        model_init_kwargs={"quantization_config": quantization} if quantization else None,
     )
     lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
-    callbacks = [] if args.no_safe else [SafeCallback(SafeConfig(tau=args.tau))]  # <- the one line
+    safe = SafeConfig() if args.tau is None else SafeConfig(tau=args.tau)
+    callbacks = [] if args.no_safe else [SafeCallback(safe)]  # <- the one line
     trainer = SFTTrainer(
         model=str(model_folder(args.model, Path(args.model_dir))),
         args=config,

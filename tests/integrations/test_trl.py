@@ -4,8 +4,9 @@ The model is the tiny Llama GGUF (SmolLM2's format and chat template, a fraction
 its byte-level tokenizer makes long sequences, hence the window of 256), exported by the
 example the way it exports SmolLM2. Each configuration trains with SAFE and
 without it on the same seed and data: every step must keep its Trainer loss record
-(SAFE's values join a record, they never replace one), SAFE must have scored and frozen,
-and every adapter must have trained.
+(SAFE's values join a record, they never replace one) with a non-zero gradient norm (a
+4-bit model must still get gradients after SAFE's scoring), SAFE must have scored and
+frozen, and every adapter must have trained.
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ def _example():
 
 @pytest.mark.parametrize(
     "switches",
-    [[], ["--bf16", "--gradient-checkpointing", "--grad-accum", "2"]],
-    ids=["fp32", "bf16-checkpointing-accumulation"],
+    [[], ["--bf16", "--gradient-checkpointing", "--grad-accum", "2"], ["--load-in-4bit"]],
+    ids=["fp32", "bf16-checkpointing-accumulation", "qlora"],
 )
 def test_sft_trainer_keeps_every_log_record_and_trains_the_adapters(tiny_gguf, tmp_path, switches):
     example = _example()
@@ -43,6 +44,8 @@ def test_sft_trainer_keeps_every_log_record_and_trains_the_adapters(tiny_gguf, t
 
     assert loss_steps(plain) == list(range(1, STEPS + 1))
     assert loss_steps(safe) == loss_steps(plain)
+    for trainer in (plain, safe):  # gradients flow on every step, scoring steps and after (QLoRA: issue 14)
+        assert all(record["grad_norm"] > 0 for record in trainer.state.log_history if "loss" in record)
     scored = [record["step"] for record in safe.state.log_history if "safe/threshold" in record]
     freezer = next(c for c in safe.callback_handler.callbacks if type(c).__name__ == "SafeCallback").freezer
     assert scored and freezer.frozen, "SAFE neither scored nor froze: the comparison would prove nothing"
