@@ -8,17 +8,17 @@ loss.backward(); optimizer.step(); event = freezer.step(global_step)  # a Freeze
 or, in a transformers Trainer: ``Trainer(..., callbacks=[SafeCallback(SafeConfig(tau=0.1))])``.
 
 The algorithm (``safefreeze.core``) is imported here; the Trainer integration, which pulls in
-transformers' training machinery, is imported on first use of ``SafeCallback`` or
-``untangle_checkpointing``.
+transformers' training machinery, is imported on first use of ``SafeCallback``.
 """
 
+from safefreeze.core.checkpointing import take_over_checkpointing
 from safefreeze.core.cka import linear_cka
 from safefreeze.core.config import ConfigError, SafeConfig
 from safefreeze.core.freezer import FreezeEvent, SafeFreezer
 from safefreeze.core.schedule import threshold
 from safefreeze.core.units import AdapterUnit, find_units
 
-_INTEGRATIONS = {"SafeCallback", "untangle_checkpointing"}
+_INTEGRATIONS = {"SafeCallback"}
 
 __all__ = [
     "AdapterUnit",
@@ -29,8 +29,8 @@ __all__ = [
     "SafeFreezer",
     "find_units",
     "linear_cka",
+    "take_over_checkpointing",
     "threshold",
-    "untangle_checkpointing",
 ]
 __version__ = "0.1.0"
 

@@ -1,43 +1,29 @@
-"""SafeCallback in a real transformers Trainer on MiniLM + LoRA: freezing, logging, saving, resume, checkpointing.
+"""SafeCallback in a real transformers Trainer on MiniLM + LoRA: freezing, logging, saving, resume.
 
-The Trainer is a user's subclass (it overrides ``compute_loss`` and ``log``, as TRL's trainers
-do): the callback attaches through the callback arguments alone. Random importance (seed 3)
-fixes which units freeze, so the mechanics are tested on a known outcome: blocks 0-3 and 5
-frozen, block 4 trainable, a frozen prefix of 4 blocks. CKA scoring itself is exercised in
-the checkpointing tests and in tests/core.
+The Trainer is a user's subclass (conftest's ``CustomTrainer`` overrides ``compute_loss`` and
+``log``, as TRL's trainers do): the callback attaches through the callback arguments alone.
+Random importance (seed 3) fixes which units freeze, so the mechanics are tested on a known
+outcome: blocks 0-3 and 5 frozen, block 4 trainable, a frozen prefix of 4 blocks. CKA scoring
+itself is exercised in test_trainer_checkpointing.py and in tests/core; activation
+checkpointing and the memory budget in test_trainer_checkpointing.py.
 """
 
 from __future__ import annotations
 
 import json
-import re
 import subprocess
 import sys
 
 import pytest
 import torch
-from transformers import DataCollatorWithPadding, Trainer, TrainerCallback, TrainingArguments
+from transformers import TrainerCallback
 
 from safefreeze import SafeCallback, SafeConfig
 from safefreeze.core.accounting import record_saved_tensors
-from safefreeze.core.freezer import input_require_grads_hooks
 from safefreeze.core.state import STATE_NAME, read_state
 from safefreeze.core.units import find_blocks
-from safefreeze.training.models import add_lora, load_model
 
 SAFE = {"importance": "random", "seed": 3, "tau": 1.0, "warmup_steps": 4, "score_every": 2, "probe_size": 8}
-
-
-class CustomTrainer(Trainer):
-    """A user's subclass: its own loss call and its own log values (as TRL's trainers add theirs)."""
-
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-
-    def log(self, logs, start_time=None):
-        if "loss" in logs:
-            logs["custom/examples_seen"] = self.state.global_step * self.args.per_device_train_batch_size
-        super().log(logs, start_time)
 
 
 class LogRecorder(TrainerCallback):
@@ -63,46 +49,20 @@ class FreezeSnapshots(TrainerCallback):
                 self.at_freeze[unit.name] = [p.detach().clone() for p in unit.parameters()]
 
 
-def _lora_model(source, num_labels):
-    torch.manual_seed(0)
-    return add_lora(load_model(source, "classification", num_labels), "classification", 8, 16, 0.0)
-
-
-def _trainer(model, tokenizer, examples, out, callbacks, **overrides) -> Trainer:
-    args = {
-        "output_dir": str(out),
-        "max_steps": 6,
-        "per_device_train_batch_size": 8,
-        "learning_rate": 1e-3,
-        "report_to": [],
-        "logging_steps": 100,
-        "save_strategy": "no",
-        "use_cpu": True,
-        "disable_tqdm": True,
-        "seed": 0,
-        **overrides,
-    }
-    collator = DataCollatorWithPadding(tokenizer)
-    return CustomTrainer(
-        model=model, args=TrainingArguments(**args), train_dataset=examples, data_collator=collator, callbacks=callbacks
-    )
-
-
 def _adapter_weights(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
 
 
 @pytest.fixture(scope="module")
-def trained(minilm_source, minilm_tokenizer, trec_task, trec_examples, tmp_path_factory):
+def trained(lora_classifier, classifier_trainer, trec_examples, tmp_path_factory):
     """Six Trainer steps with SafeCallback (measurements at steps 2 and 4), a log record and a checkpoint
     every 3 steps, the model saved at the end; and the same run without SAFE."""
     out = tmp_path_factory.mktemp("trainer")
     safe = SafeCallback(SafeConfig(**SAFE))
     logs, snapshots = LogRecorder(), FreezeSnapshots(safe)
-    model = _lora_model(minilm_source, len(trec_task.labels))
-    trainer = _trainer(
+    model = lora_classifier()
+    trainer = classifier_trainer(
         model,
-        minilm_tokenizer,
         trec_examples[:64],
         out,
         [safe, logs, snapshots],
@@ -112,9 +72,8 @@ def trained(minilm_source, minilm_tokenizer, trec_task, trec_examples, tmp_path_
     )
     trainer.train()
     trainer.save_model(str(out / "final"))
-    plain = _trainer(
-        _lora_model(minilm_source, len(trec_task.labels)),
-        minilm_tokenizer,
+    plain = classifier_trainer(
+        lora_classifier(),
         trec_examples[:64],
         out / "plain",
         [],
@@ -170,11 +129,10 @@ def test_safe_values_ride_on_the_next_trainer_record(trained):
 
 
 def test_report_to_integrations_are_told_where_safe_values_go(
-    minilm_source, minilm_tokenizer, trec_task, trec_examples, tmp_path, caplog
+    lora_classifier, classifier_trainer, trec_examples, tmp_path, caplog
 ):
-    trainer = _trainer(
-        _lora_model(minilm_source, len(trec_task.labels)),
-        minilm_tokenizer,
+    trainer = classifier_trainer(
+        lora_classifier(),
         trec_examples[:16],
         tmp_path,
         [SafeCallback(SafeConfig(**SAFE))],
@@ -197,10 +155,10 @@ def test_save_model_writes_safe_state_beside_the_adapter(trained):
     assert not (trained["out"] / "plain" / STATE_NAME).exists()
 
 
-def test_frozen_prefix_saves_activations(trained, minilm_source, trec_task, trec_batch):
+def test_frozen_prefix_saves_activations(trained, lora_classifier, trec_batch):
     batch = trec_batch(8)
     model = trained["trainer"].model
-    fresh = _lora_model(minilm_source, len(trec_task.labels))
+    fresh = lora_classifier()
     measured = {}
     for name, candidate in (("safe", model), ("lora", fresh)):
         candidate.train()
@@ -214,14 +172,14 @@ def test_frozen_prefix_saves_activations(trained, minilm_source, trec_task, trec
     assert measured["safe"].bytes < 0.6 * measured["lora"].bytes
 
 
-def test_resume_from_checkpoint_restores_freezer(trained, minilm_source, minilm_tokenizer, trec_task, trec_examples):
+def test_resume_from_checkpoint_restores_freezer(trained, lora_classifier, classifier_trainer, trec_examples):
     checkpoint = trained["out"] / "checkpoint-3"
     on_disk = json.loads((checkpoint / "safe_state.json").read_text())
     assert on_disk["frozen"] == {k: v for k, v in trained["safe"].freezer.frozen.items() if v <= 3}
     assert on_disk["frozen"]  # something was frozen at step 2 already
     safe = SafeCallback(SafeConfig(**SAFE))
-    model = _lora_model(minilm_source, len(trec_task.labels))
-    trainer = _trainer(model, minilm_tokenizer, trec_examples[:64], trained["out"], [safe])
+    model = lora_classifier()
+    trainer = classifier_trainer(model, trec_examples[:64], trained["out"], [safe])
     trainer.train(resume_from_checkpoint=str(checkpoint))
     original = trained["safe"].freezer
     assert safe.freezer.frozen == original.frozen
@@ -240,72 +198,3 @@ def test_import_leaves_the_trainer_machinery_unloaded():
     )
     lines = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert lines == ["[]", "True"]
-
-
-def _block_inputs_requiring_grad(model, batch) -> list[bool]:
-    blocks = find_blocks(model)
-    seen: dict[int, bool] = {}
-    handles = [
-        block.register_forward_pre_hook(lambda m, args, i=i: seen.__setitem__(i, args[0].requires_grad))
-        for i, block in blocks.items()
-    ]
-    model.train()
-    try:
-        model(**batch)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return [seen[i] for i in sorted(blocks)]
-
-
-def test_gradient_checkpointing_is_untangled(
-    minilm_source, minilm_tokenizer, trec_task, trec_examples, trec_batch, tmp_path, caplog
-):
-    """Reentrant checkpointing + input hook: the callback switches to non-reentrant and drops the hook."""
-    model = _lora_model(minilm_source, len(trec_task.labels))
-    initial = _adapter_weights(model)
-    safe = SafeCallback(SafeConfig(**{**SAFE, "importance": "cka"}))
-    trainer = _trainer(
-        model,
-        minilm_tokenizer,
-        trec_examples[:64],
-        tmp_path,
-        [safe],
-        max_steps=4,
-        activation_checkpointing=True,
-        activation_checkpointing_kwargs={"use_reentrant": True},
-    )
-    with caplog.at_level("WARNING", logger="safefreeze.integrations.trainer"):
-        trainer.train()  # the Trainer turns checkpointing on (reentrant, with the hook), the callback undoes both
-    fixes = " ".join(caplog.messages)
-    assert re.search(r"made activation checkpointing non-reentrant in \d+ modules", fixes)
-    assert "removed 1 input-require-grads hook(s)" in fixes
-    assert input_require_grads_hooks(model) == []
-    functions = [m._gradient_checkpointing_func for m in model.modules() if hasattr(m, "_gradient_checkpointing_func")]
-    assert functions and all(f.keywords["use_reentrant"] is False for f in functions)
-    freezer = safe.freezer
-    final = _adapter_weights(model)
-    for unit in freezer.trainable_units:  # adapters inside checkpoints still learn
-        names = [n for n in final if any(n.startswith(m + ".") for m in unit.modules)]
-        assert any(not torch.equal(final[n], initial[n]) for n in names)
-    needs_grad = _block_inputs_requiring_grad(model, trec_batch(8))
-    prefix = freezer.frozen_prefix()
-    assert needs_grad == [i > prefix for i in range(len(needs_grad))]
-
-
-def test_gradient_checkpointing_warns_with_measured_cost(
-    minilm_source, minilm_tokenizer, trec_task, trec_examples, tmp_path
-):
-    model = _lora_model(minilm_source, len(trec_task.labels))
-    safe = SafeCallback(SafeConfig(**SAFE), fix_checkpointing=False)
-    trainer = _trainer(
-        model, minilm_tokenizer, trec_examples[:64], tmp_path, [safe], max_steps=4, activation_checkpointing=True
-    )
-    with pytest.warns(UserWarning) as caught:
-        trainer.train()
-    assert input_require_grads_hooks(model)  # left in place, as asked
-    assert any("input-require-grads hook" in str(w.message) for w in caught)  # the freezer's own diagnosis
-    message = next(str(w.message) for w in caught if "MiB for backward" in str(w.message))
-    kept, needed = (float(x) for x in re.findall(r"([\d.]+) MiB", message))
-    assert "blocks 0..3" in message
-    assert kept > 0 and needed == 0.0

@@ -4,7 +4,8 @@ With ``ddp_find_unused_parameters=False`` SAFE refuses before the first step wit
 line naming the setting (a frozen parameter would otherwise crash DDP's reducer at the
 step after the first freeze). With the setting transformers picks for a PEFT model
 (unused parameters found), rank 0 decides, every rank freezes the same units at the same
-step and the ranks end with the same adapter.
+step and the ranks end with the same adapter; under a memory budget every rank measures the
+same block costs and checkpoints the same blocks, re-planned after the same freezes.
 """
 
 from __future__ import annotations
@@ -20,9 +21,11 @@ from transformers.training_args import ParallelMode
 
 from safefreeze.core.config import ConfigError
 from safefreeze.integrations.trainer import check_ddp
+from safefreeze.training.memory_budget import parse_size
 
 SAFE = {"importance": "cka", "tau": 1.0, "warmup_steps": 2, "score_every": 1, "probe_size": 8, "smoothing": 0.0}
 STEPS = 4
+BUDGET = "3MiB"  # the longest batch of 4 fits with blocks 1-4 checkpointed
 
 
 def _free_port() -> int:
@@ -31,7 +34,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _trainer(directory: str, **overrides):
+def _trainer(directory: str, memory_budget: str | None = None, **overrides):
     from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
 
     from safefreeze import SafeCallback, SafeConfig
@@ -55,7 +58,7 @@ def _trainer(directory: str, **overrides):
         seed=0,
         **overrides,
     )
-    safe = SafeCallback(SafeConfig(**SAFE))
+    safe = SafeCallback(SafeConfig(**SAFE), memory_budget=memory_budget)
     trainer = Trainer(
         model=model,
         args=args,
@@ -67,13 +70,14 @@ def _trainer(directory: str, **overrides):
 
 
 def _rank(rank: int, port: int, directory: str) -> None:
-    """One process: the refused run, then a SAFE run; writes what the test compares."""
+    """One process: the refused run, a SAFE run, a SAFE run under a memory budget; writes what the test compares."""
     os.environ.update(
         RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
     )
     torch.set_num_threads(1)
     import transformers
 
+    from safefreeze.core.checkpointing import checkpointed_blocks
     from safefreeze.core.config import ConfigError
 
     transformers.logging.set_verbosity_error()
@@ -89,6 +93,12 @@ def _rank(rank: int, port: int, directory: str) -> None:
     outcome["frozen"] = dict(safe.freezer.frozen)
     outcome["events"] = [(e.step, e.frozen_now, e.scores) for e in safe.freezer.events]
     outcome["adapter"] = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_" in n}
+    trainer, safe = _trainer(directory, memory_budget=BUDGET)
+    trainer.train()
+    outcome["costs"] = safe.plan.costs
+    outcome["checkpointed"] = checkpointed_blocks(trainer.model)
+    outcome["prefix"] = safe.freezer.frozen_prefix()
+    outcome["budget_adapter"] = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_" in n}
     outcome["world_size"] = torch.distributed.get_world_size()
     torch.save(outcome, os.path.join(directory, f"rank{rank}.pt"))
     torch.distributed.barrier()
@@ -110,6 +120,12 @@ def test_ddp_refuses_without_unused_parameters_and_ranks_agree_with_them(tmp_pat
     assert ranks[0]["events"] == ranks[1]["events"]  # rank 0's scores and decisions, applied on both
     for name, value in ranks[0]["adapter"].items():
         assert torch.equal(value, ranks[1]["adapter"][name]), name
+    costs = ranks[0]["costs"]  # every rank measured the same worst case and plans the same
+    assert costs == ranks[1]["costs"] and costs.plan(parse_size(BUDGET)) == (1, 2, 3, 4)
+    prefix = ranks[0]["prefix"]
+    assert ranks[0]["checkpointed"] == ranks[1]["checkpointed"] == costs.plan(parse_size(BUDGET), prefix)
+    for name, value in ranks[0]["budget_adapter"].items():  # checkpointed, the same adapter as unchecked
+        assert torch.equal(value, ranks[1]["budget_adapter"][name]) and torch.equal(value, ranks[0]["adapter"][name])
 
 
 @pytest.fixture

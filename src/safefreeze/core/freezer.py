@@ -213,7 +213,7 @@ class SafeFreezer:
             problems.append(
                 f"{name or 'model'} has an input-require-grads hook (enable_input_require_grads, set by gradient "
                 "checkpointing): every block keeps its activations and freezing saves no memory; remove it and use "
-                "non-reentrant checkpointing with safefreeze.untangle_checkpointing(model)"
+                "SAFE's checkpointing with safefreeze.take_over_checkpointing(model)"
             )
         lowest = min((u.block for u in self.trainable_units), default=None)
         unit_params = {id(p) for u in self.units for p in u.parameters()}

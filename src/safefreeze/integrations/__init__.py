@@ -1,5 +1,5 @@
 """Glue between SAFE and training frameworks: the transformers ``Trainer`` callback."""
 
-from safefreeze.integrations.trainer import SafeCallback, untangle_checkpointing
+from safefreeze.integrations.trainer import SafeCallback
 
-__all__ = ["SafeCallback", "untangle_checkpointing"]
+__all__ = ["SafeCallback"]

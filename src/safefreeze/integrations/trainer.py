@@ -30,25 +30,30 @@ Trainer wrapped the model before any callback runs, so SAFE refuses, before trai
 DDP without ``ddp_find_unused_parameters`` or with ``ddp_static_graph``. Under DDP rank 0
 decides and every rank applies its decision (``Group.on_main``).
 
-Gradient checkpointing: transformers turns it on with ``enable_input_require_grads``,
-whose hook makes the embeddings' output require grad, so every block stays in the
-backward graph and a frozen prefix saves nothing (reentrant checkpointing even needs the
-hook, or no adapter inside a checkpoint gets a gradient). By default the callback undoes
-both (``untangle_checkpointing``): it removes the hook and makes checkpointing
-non-reentrant, which trains the same adapters and lets backward stop above frozen blocks.
-With ``fix_checkpointing=False`` it leaves the model alone and, once a prefix of blocks is
-frozen, warns with what the hook costs, measured on the probe.
+Activation checkpointing: ``checkpointing`` ("none", "all", "auto") and ``memory_budget``
+(a size) choose the blocks to checkpoint (``training.activation_plan``): SAFE's own
+non-reentrant checkpointing, which never stores or recomputes the frozen prefix. If the
+user turned on transformers' (``TrainingArguments(activation_checkpointing=True)``, or
+``gradient_checkpointing_enable()`` on the model), whose ``enable_input_require_grads`` hook
+makes the embeddings' output require grad and keeps every block in the backward graph,
+the callback takes it over (``take_over_checkpointing``): the same blocks, checkpointed by
+SAFE, the hook removed, the same adapters trained; it logs the change (offloaded checkpointing
+is refused: SAFE's does not offload). Under a budget
+the per-block costs are measured once on the longest training batch, the plan is made
+before the first step (an impossible budget fails there, naming the smallest that fits)
+and re-made at every freeze event that raises the frozen prefix. SAFE's log values then
+include ``safe/checkpointed_blocks`` (blocks checkpointed above the frozen prefix) and,
+under a budget, ``safe/planned_activation_peak_mib``.
 
 Resuming: the freezer's state is saved in the checkpoint's ``trainer_state.json``
 (``ExportableState``), so ``trainer.train(resume_from_checkpoint=...)`` restores frozen
-units, scores and schedule wherever the checkpoint lies.
+units, scores and schedule wherever the checkpoint lies, and the measured block costs, so
+the resumed run plans its checkpointing from the same numbers.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
-import warnings
 from collections.abc import Sized
 
 import torch
@@ -58,48 +63,16 @@ from transformers import PreTrainedModel, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import ExportableState
 from transformers.training_args import ParallelMode
 
-from safefreeze.core.accounting import record_saved_tensors
+from safefreeze.core.checkpointing import take_over_checkpointing
 from safefreeze.core.config import ConfigError, SafeConfig
-from safefreeze.core.freezer import FreezeEvent, SafeFreezer, input_require_grads_hooks
+from safefreeze.core.freezer import FreezeEvent, SafeFreezer
 from safefreeze.core.probe import draw_probe
 from safefreeze.core.state import freezer_state, load_freezer_state, save_state_with_model
-from safefreeze.core.units import find_blocks
+from safefreeze.training.activation_plan import ActivationPlan, active
 from safefreeze.training.distributed import Group
+from safefreeze.training.memory_budget import MIB, longest_batch
 
 logger = logging.getLogger(__name__)
-
-MIB = 2**20
-
-
-def untangle_checkpointing(model: nn.Module) -> list[str]:
-    """Remove input-require-grads hooks and make activation checkpointing non-reentrant.
-
-    Non-reentrant checkpointing gives gradients to adapter weights inside a checkpointed
-    block whether or not its input requires grad, so the hook is not needed, and without
-    it blocks below the lowest trainable adapter leave the backward graph. Returns one
-    line per change made (empty if there was nothing to do).
-    """
-    changes = []
-    switched = 0
-    for module in model.modules():
-        function = getattr(module, "_gradient_checkpointing_func", None)
-        if function is None:
-            continue
-        is_partial = isinstance(function, functools.partial)
-        if is_partial and function.keywords.get("use_reentrant") is False:
-            continue
-        base, args, keywords = (function.func, function.args, function.keywords) if is_partial else (function, (), {})
-        module._gradient_checkpointing_func = functools.partial(base, *args, **{**keywords, "use_reentrant": False})
-        switched += 1
-    if switched:
-        changes.append(f"made activation checkpointing non-reentrant in {switched} modules")
-    hooks = input_require_grads_hooks(model)
-    for _, module, key in hooks:
-        del module._forward_hooks[key]
-    if hooks:
-        names = ", ".join(dict.fromkeys(name or "model" for name, _, _ in hooks))
-        changes.append(f"removed {len(hooks)} input-require-grads hook(s) from {names}")
-    return changes
 
 
 def check_ddp(args: TrainingArguments, model: nn.Module) -> None:
@@ -147,26 +120,57 @@ def _decide_on(fn):
     return Group(dist.get_rank(), dist.get_world_size()).on_main(fn)
 
 
+def longest_training_batch(args: TrainingArguments, train_dataloader, device: torch.device) -> dict[str, torch.Tensor]:
+    """The worst-case micro-batch of this run: the ``per_device_train_batch_size`` longest examples, collated.
+
+    Raises:
+        ConfigError: if the dataset has no length (a stream: no worst case to find) or the batch has no labels
+            (the costs are measured on a training step with the model's own loss).
+    """
+    dataset = train_dataloader.dataset
+    if not (isinstance(dataset, Sized) and hasattr(dataset, "__getitem__")):
+        raise ConfigError(
+            "a memory budget is planned on the longest training batch, which a streamed dataset cannot tell: "
+            "pass a dataset with a length, or use checkpointing='all' without a budget"
+        )
+    batch = longest_batch(dataset, args.per_device_train_batch_size, train_dataloader.collate_fn)
+    if "labels" not in batch:
+        raise ConfigError(
+            f"a memory budget is planned on a training step with the model's own loss, but the collated batch has "
+            f"no labels (only {', '.join(batch)}): collate labels, or use checkpointing='all' without a budget"
+        )
+    return {key: value.to(device) if torch.is_tensor(value) else value for key, value in batch.items()}
+
+
 class SafeCallback(TrainerCallback, ExportableState):
     """Selective adapter freezing in a ``transformers.Trainer`` (module docstring).
 
     Args:
         config: the SAFE configuration (a ``SafeConfig`` or its dict).
-        fix_checkpointing: remove the input-require-grads hook and make checkpointing
-            non-reentrant (default); if False, only warn with the measured cost.
+        checkpointing: ``"none"`` (no checkpointing of SAFE's own; transformers' is taken over),
+            ``"all"`` blocks, or ``"auto"``: the fewest that fit ``memory_budget``.
+        memory_budget: the activation memory a step may hold at its peak, e.g. ``"6GiB"``; implies ``"auto"``.
 
-    After training, ``callback.freezer`` holds the decisions, ``freezer.events`` every freeze event.
+    After training, ``callback.freezer`` holds the decisions, ``freezer.events`` every freeze event,
+    ``callback.plan`` the checkpointing plan (its measured ``costs`` under a budget).
 
     Raises:
-        ConfigError: at train begin, under DDP that cannot lose parameters (``check_ddp``).
+        ConfigError: at construction, for contradicting switches or a size that does not parse; at train begin,
+            under DDP that cannot lose parameters (``check_ddp``), with transformers' offloading checkpointing, or
+            for a budget no plan meets.
     """
 
-    def __init__(self, config: SafeConfig | dict | None = None, fix_checkpointing: bool = True) -> None:
+    def __init__(
+        self, config: SafeConfig | dict | None = None, checkpointing: str = "none", memory_budget: str | None = None
+    ) -> None:
         self.config = config if isinstance(config, SafeConfig) else SafeConfig.from_dict(config or {})
-        self.fix_checkpointing = fix_checkpointing
+        self.checkpointing = checkpointing
+        self.memory_budget = memory_budget
+        self.plan = ActivationPlan.from_switches(checkpointing, memory_budget)
         self.freezer: SafeFreezer | None = None
         self._unlogged: dict[str, float] = {}  # SAFE's values waiting for the Trainer's next log record
-        self._warned_hook_cost = False
+        self._planned_prefix = 0  # the frozen prefix the checkpointing plan was made for
+        self._log_plan = False  # whether the checkpointing plan is logged: SAFE's own, or one taken over
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, train_dataloader=None, **kwargs):
         check_ddp(args, model)
@@ -176,9 +180,14 @@ class SafeCallback(TrainerCallback, ExportableState):
                 "them, set report_to='none' and list the integration's callback after SafeCallback in callbacks=[...]",
                 ", ".join(args.report_to),
             )
-        if self.fix_checkpointing:
-            for change in untangle_checkpointing(model):
-                logger.warning("SAFE: %s so that frozen blocks leave the backward pass", change)
+        if args.activation_checkpointing and (args.activation_checkpointing_kwargs or {}).get("offload"):
+            raise ConfigError(
+                "SAFE checkpoints blocks itself and does not offload their inputs to the CPU: drop 'offload' from "
+                "TrainingArguments(activation_checkpointing_kwargs), or set SafeCallback(memory_budget=...) instead"
+            )
+        change = take_over_checkpointing(model)
+        if change:
+            logger.warning("SAFE: %s", change)
         dataset = train_dataloader.dataset
         order = None
         if isinstance(dataset, Sized) and hasattr(dataset, "__getitem__"):
@@ -193,7 +202,16 @@ class SafeCallback(TrainerCallback, ExportableState):
         saved = saved[0] if isinstance(saved, list) else saved
         if state.global_step > 0 and saved and saved.get("freezer"):
             load_freezer_state(self.freezer, saved["freezer"])
+            self.plan.load_state_dict(saved.get("activation_plan") or {})
             logger.info("SAFE: resumed at step %d with %d frozen units", state.global_step, len(self.freezer.frozen))
+        if self.plan.needs_costs:
+            device = next(model.parameters()).device
+            self.plan.measure(model, longest_training_batch(args, train_dataloader, device))
+        self._planned_prefix = self.freezer.frozen_prefix()
+        checkpointed = self.plan.apply(model, self._planned_prefix)
+        self._log_plan = self.plan.mode != "none" or bool(checkpointed)
+        if self._log_plan:
+            self._unlogged.update(self._plan_logs())
 
     def on_step_end(self, args, state, control, **kwargs):
         event = self.freezer.step(state.global_step) if self.freezer is not None else None
@@ -202,8 +220,20 @@ class SafeCallback(TrainerCallback, ExportableState):
         self._unlogged.update(event_logs(event))
         if event.frozen_now:
             logger.info("SAFE: froze %s at step %d", ", ".join(event.frozen_now), event.step)
-        if not self.fix_checkpointing and not self._warned_hook_cost and event.frozen_prefix > 0:
-            self._warn_hook_cost()
+        if event.frozen_prefix > self._planned_prefix:
+            self._planned_prefix = event.frozen_prefix
+            self.plan.apply(self.freezer.model, event.frozen_prefix)  # cannot fail: a larger prefix only lowers costs
+        if self._log_plan:
+            self._unlogged.update(self._plan_logs())
+
+    def _plan_logs(self) -> dict[str, float]:
+        """The checkpointing plan's log values: blocks checkpointed above the frozen prefix, the planned peak."""
+        model, prefix = self.freezer.model, self._planned_prefix
+        logs = {"safe/checkpointed_blocks": len(active(model, prefix))}
+        peak = self.plan.peak(model, prefix)
+        if peak is not None:
+            logs["safe/planned_activation_peak_mib"] = peak / MIB
+        return logs
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         """Add SAFE's waiting values to this record: to ``logs`` and to its entry in ``state.log_history``."""
@@ -217,44 +247,15 @@ class SafeCallback(TrainerCallback, ExportableState):
             state.log_history.append({**self._unlogged, "step": state.global_step})
         self._unlogged = {}
 
-    def _warn_hook_cost(self) -> None:
-        """Measure on the probe what the input-require-grads hook keeps in the frozen prefix, and warn once."""
-        hooks = input_require_grads_hooks(self.freezer.model)
-        if not hooks:
-            return
-        self._warned_hook_cost = True
-        model = self.freezer.model
-        prefix = self.freezer.frozen_prefix()
-        scopes = {f"block.{i}": block for i, block in find_blocks(model).items() if i < prefix}
-        device = next(model.parameters()).device
-        probe = {key: value.to(device) for key, value in self.freezer.probe.items()}
-        was_training = model.training
-        model.eval()  # no dropout and no checkpointing: the activations the frozen blocks record
-        try:
-            with record_saved_tensors(model, scopes) as with_hook:
-                model(**probe)
-            detached = [(module, key, module._forward_hooks.pop(key)) for _, module, key in hooks]
-            try:
-                with record_saved_tensors(model, scopes) as without_hook:
-                    model(**probe)
-            finally:
-                for module, key, hook in detached:
-                    module._forward_hooks[key] = hook
-        finally:
-            model.train(was_training)
-        kept = sum(with_hook.bytes_by_scope[name] for name in scopes)
-        needed = sum(without_hook.bytes_by_scope[name] for name in scopes)
-        warnings.warn(
-            f"SAFE froze blocks 0..{prefix - 1}, but an input-require-grads hook keeps them in the backward pass: "
-            f"on the {len(next(iter(probe.values())))}-example probe they record {kept / MIB:.2f} MiB for backward "
-            f"instead of {needed / MIB:.2f} MiB; use SafeCallback(fix_checkpointing=True) to release it",
-            stacklevel=2,
-        )
-
     def state(self) -> dict:
         """What ``trainer_state.json`` keeps of this callback (transformers' ``ExportableState``)."""
         return {
-            "args": {"config": self.config.to_dict(), "fix_checkpointing": self.fix_checkpointing},
+            "args": {
+                "config": self.config.to_dict(),
+                "checkpointing": self.checkpointing,
+                "memory_budget": self.memory_budget,
+            },
             "attributes": {},
             "freezer": freezer_state(self.freezer) if self.freezer is not None else None,
+            "activation_plan": self.plan.state_dict(),
         }
