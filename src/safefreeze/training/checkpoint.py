@@ -106,8 +106,9 @@ def capture(
     steps_per_epoch: int,
     identity: dict,
     rng: list[dict],
+    scaler: torch.amp.GradScaler | None = None,
 ) -> dict:
-    """The state of a run after ``progress.step`` (``rng``: every rank's ``rng_state()``, by rank)."""
+    """The state of a run after ``progress.step`` (``rng``: every rank's ``rng_state()``; ``scaler``: fp16's)."""
     return {
         "format": FORMAT,
         "identity": identity,
@@ -119,6 +120,7 @@ def capture(
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "freezer": freezer.state_dict() if freezer is not None else None,
+        "scaler": scaler.state_dict() if scaler is not None else None,
         "rng": rng,
         "records": progress.records,
         "scoring_seconds": progress.scoring_seconds,
@@ -135,6 +137,7 @@ def restore(
     progress: Progress,
     rank: int = 0,
     world_size: int = 1,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> None:
     """Load ``capture``'s state into freshly built training objects; this rank's RNG last."""
     if state["world_size"] != world_size:
@@ -152,6 +155,8 @@ def restore(
     scheduler.load_state_dict(state["scheduler"])
     if freezer is not None:
         freezer.load_state_dict(state["freezer"])
+    if scaler is not None and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
     progress.step = state["step"]
     progress.records = list(state["records"])
     progress.scoring_seconds = state["scoring_seconds"]

@@ -23,10 +23,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import ClassVar
 
+import torch
+
 from safefreeze.adapters.bottleneck import KINDS as BOTTLENECK_KINDS
 from safefreeze.core.config import ConfigError
 from safefreeze.training.methods import METHODS, TRAINING_METHODS
 from safefreeze.training.prefix_cache import CACHE_DTYPES
+
+LR_SCHEDULERS = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}  # -> transformers' names
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # -> autocast dtype
 
 ADAPTERS = ("lora", *BOTTLENECK_KINDS)
 
@@ -169,7 +174,7 @@ class MethodOptions:
 
 @dataclass
 class OptimisationOptions:
-    """How long and how the weights are optimised (AdamW, linear schedule), and the run's seed."""
+    """How long and how the weights are optimised (AdamW, LR schedule, accumulation, precision), and the seed."""
 
     section: ClassVar[str] = "optimisation"
     epochs: float = field(default=3.0, metadata={"help": "passes over the training split (ignored with --max-steps)"})
@@ -180,6 +185,23 @@ class OptimisationOptions:
     )
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     lr_warmup_ratio: float = field(default=0.06, metadata={"help": "fraction of steps the learning rate ramps up over"})
+    lr_scheduler: str = field(
+        default="linear", metadata={"help": "learning rate after the warm-up: linear (to 0), cosine (to 0) or constant"}
+    )
+    grad_accum: int = field(
+        default=1,
+        metadata={
+            "help": "split each optimizer step's batch into N micro-batches whose gradients add up: "
+            "the same update in 1/N of the activation memory"
+        },
+    )
+    precision: str = field(
+        default="fp32",
+        metadata={
+            "help": "fp32, or bf16 / fp16 autocast for forward and backward (weights, optimizer and SAFE's "
+            "scoring stay fp32; fp16 scales the loss)"
+        },
+    )
     seed: int = field(
         default=0,
         metadata={
@@ -200,6 +222,16 @@ class OptimisationOptions:
             raise ConfigError(f"lr_warmup_ratio must be in [0, 1), got {self.lr_warmup_ratio}")
         if self.weight_decay < 0:
             raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if self.lr_scheduler not in LR_SCHEDULERS:
+            raise ConfigError(f"lr_scheduler must be one of {', '.join(LR_SCHEDULERS)}, got {self.lr_scheduler!r}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        _at_least_one(self, "grad_accum")
+        if self.batch_size % self.grad_accum:
+            raise ConfigError(
+                f"batch_size {self.batch_size} does not split into grad_accum {self.grad_accum} micro-batches; "
+                f"use a multiple of {self.grad_accum}"
+            )
 
 
 @dataclass

@@ -1,10 +1,11 @@
 """The reference training loop as a recipe: set up, one ``step`` per optimizer step, finish.
 
-Plain PyTorch, AdamW with a linear LR schedule, seeded. One loop serves every method of
-the method table (methods.py): ``full`` (all weights), ``lora`` (an adapter), ``safe``
-(an adapter + ``SafeFreezer``) and the freezing baselines (an adapter + a planned
-``SafeFreezer``). Every step is measured the same way (accounting.py): bytes autograd
-saves for backward, FLOPs on sampled steps, seconds on the others; it leaves one
+Plain PyTorch, AdamW after a warm-up on a linear, cosine or constant LR schedule, seeded;
+a step's batch may run as micro-batches (``--grad-accum``) under autocast (``--precision``).
+One loop serves every method of the method table (methods.py): ``full`` (all weights),
+``lora`` (an adapter), ``safe`` (an adapter + ``SafeFreezer``) and the freezing baselines
+(an adapter + a planned ``SafeFreezer``). Every step is measured the same way
+(accounting.py): bytes autograd saves for backward, FLOPs on sampled steps, seconds on the others; it leaves one
 ``StepRecord`` (records.py), in the report and, with a run directory, in ``metrics.jsonl``.
 
     train(config, safe)
@@ -30,7 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
-from transformers import get_linear_schedule_with_warmup
+from transformers import get_scheduler
 
 from safefreeze.adapters.bottleneck import BottleneckConfig, add_bottleneck
 from safefreeze.core import accounting
@@ -40,7 +41,7 @@ from safefreeze.core.probe import draw_probe
 from safefreeze.core.units import AdapterUnit, find_blocks, find_units
 from safefreeze.training import checkpoint, distributed, faults
 from safefreeze.training.checkpoint import Checkpoints, Progress
-from safefreeze.training.config import TrainConfig
+from safefreeze.training.config import LR_SCHEDULERS, PRECISIONS, TrainConfig
 from safefreeze.training.data import Collator, TaskData, check_task, encode, epoch_order, iterate_batches
 from safefreeze.training.datafiles import load_dataset
 from safefreeze.training.methods import METHODS, freezes
@@ -76,6 +77,7 @@ class Run:
     model: nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler | None  # fp16 only: the loss scale
     freezer: SafeFreezer | None
     units: list[AdapterUnit]  # the adapter units the report lists (none for full fine-tuning)
     cache: PrefixCache | None
@@ -139,6 +141,7 @@ def setup(config: TrainConfig, safe: SafeConfig, checkpoints: Checkpoints, out: 
     steps_per_epoch = math.ceil(len(train_examples) / config.batch_size)
     total_steps = config.max_steps or math.ceil(config.epochs * steps_per_epoch)
     optimizer, scheduler = make_optimizer(config, model, total_steps)
+    scaler = torch.amp.GradScaler(device.type) if config.precision == "fp16" else None
 
     def probe() -> dict[str, torch.Tensor]:
         order = epoch_order(len(train_examples), config.seed, epoch=-1)  # an order no epoch uses
@@ -152,7 +155,15 @@ def setup(config: TrainConfig, safe: SafeConfig, checkpoints: Checkpoints, out: 
     progress = Progress()
     if checkpoints.resume_from is not None:
         checkpoint.restore(
-            checkpoints.resume_from, model, optimizer, scheduler, freezer, progress, group.rank, group.world_size
+            checkpoints.resume_from,
+            model,
+            optimizer,
+            scheduler,
+            freezer,
+            progress,
+            group.rank,
+            group.world_size,
+            scaler,
         )
     model.train()
     replica = distributed.Replica(model, group)
@@ -169,6 +180,7 @@ def setup(config: TrainConfig, safe: SafeConfig, checkpoints: Checkpoints, out: 
         model=model,
         optimizer=optimizer,
         scheduler=scheduler,
+        scaler=scaler,
         freezer=freezer,
         units=units,
         cache=cache,
@@ -210,21 +222,35 @@ def step(run: Run, indices: list[int], batch: dict[str, torch.Tensor], stop_requ
     Returns the step's record and whether any rank was asked to stop (agreed in the loss's all-reduce).
     """
     number = run.progress.step + 1
-    batch = {k: v.to(run.device) for k, v in batch.items()}
     sample_flops = (number - 1) % run.config.flops_every == 0
     start = accounting.now(run.device)
     counter = accounting.flop_counter(sample_flops)
-    with accounting.record_saved_tensors(run.model, run.scopes) as saved, counter:
-        # Inside the counter: a cache miss runs the frozen prefix here, and that is this step's work.
-        with run.cache.feeding(run.freezer.frozen_prefix(), indices, batch) if run.cache else nullcontext():
-            loss = run.replica(**batch).loss
-            loss.backward()
+    dtype = PRECISIONS[run.config.precision]
+    activation_bytes, loss = 0, 0.0
+    with counter:
+        for part, part_batch, weight in micro_batches(run, indices, batch):
+            part_batch = {k: v.to(run.device) for k, v in part_batch.items()}
+            with accounting.record_saved_tensors(run.model, run.scopes) as saved:
+                # Inside the counter: a cache miss runs the frozen prefix here, and that is this step's work.
+                with run.cache.feeding(run.freezer.frozen_prefix(), part, part_batch) if run.cache else nullcontext():
+                    with torch.autocast(run.device.type, dtype) if dtype else nullcontext():
+                        part_loss = run.replica(**part_batch).loss
+                    part_loss = part_loss if weight == 1 else part_loss * weight
+                    (run.scaler.scale(part_loss) if run.scaler else part_loss).backward()
+            activation_bytes = max(activation_bytes, saved.bytes)  # micro-batches free theirs in turn
+            loss = part_loss.detach() + loss
     flops = counter.get_total_flops()
     loss_value, stop = run.group.agree(loss, stop_requested)
     faults.check_loss(loss_value, number, run.checkpoints.last)
     lr = run.optimizer.param_groups[0]["lr"]
+    if run.scaler:
+        run.scaler.unscale_(run.optimizer)
     torch.nn.utils.clip_grad_norm_([p for p in run.model.parameters() if p.requires_grad], 1.0)
-    run.optimizer.step()
+    if run.scaler:
+        run.scaler.step(run.optimizer)  # skipped when the scaled gradients overflowed
+        run.scaler.update()
+    else:
+        run.optimizer.step()
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
     seconds = accounting.now(run.device) - start
@@ -234,7 +260,7 @@ def step(run: Run, indices: list[int], batch: dict[str, torch.Tensor], stop_requ
         step=number,
         loss=loss_value,
         lr=lr,
-        activation_bytes=saved.bytes,
+        activation_bytes=activation_bytes,
         flops=flops,
         seconds=None if sample_flops else seconds,
         ddp_rebuild_seconds=rebuild_seconds,
@@ -242,6 +268,30 @@ def step(run: Run, indices: list[int], batch: dict[str, torch.Tensor], stop_requ
         trainable_units=len(run.units) - frozen,
     )
     return record, stop
+
+
+def micro_batches(
+    run: Run, indices: list[int], batch: dict[str, torch.Tensor]
+) -> list[tuple[list[int], dict[str, torch.Tensor], float]]:
+    """``(indices, batch, weight)`` of each of ``grad_accum`` micro-batches of a step's batch.
+
+    Each part is collated on its own (padded to its own longest example). The weight is the
+    part's share of what the loss averages over (label tokens for causal LM, examples for
+    classification), so the weighted sum of the parts' mean losses is the whole batch's mean
+    loss and the accumulated gradient is the whole batch's, to rounding. One part: the batch, weight 1.
+    """
+    parts = run.config.grad_accum
+    if parts == 1:
+        return [(indices, batch, 1.0)]
+    size = math.ceil(len(indices) / parts)
+    chunks = [indices[i : i + size] for i in range(0, len(indices), size)]
+    collated = [run.collate([run.train_examples[i] for i in chunk]) for chunk in chunks]
+    if run.task.kind == "classification":
+        counts = [len(chunk) for chunk in chunks]
+    else:
+        counts = [int((part["labels"][:, 1:] != -100).sum()) for part in collated]
+    total = sum(counts)
+    return [(chunk, part, count / total) for chunk, part, count in zip(chunks, collated, counts, strict=True)]
 
 
 def decide(run: Run, number: int) -> float | None:
@@ -277,6 +327,7 @@ def keep(run: Run, record: StepRecord, save: bool = False) -> None:
             run.steps_per_epoch,
             run_identity(run.config, run.safe),
             rng,
+            run.scaler,
         )
         run.checkpoints.last = run.group.on_main(partial(run.checkpoints.save, state))
 
@@ -355,10 +406,11 @@ def add_adapter(model: nn.Module, kind: str, config: TrainConfig) -> nn.Module:
 def make_optimizer(
     config: TrainConfig, model: nn.Module, total_steps: int
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
-    """AdamW over the parameters that require grad now, with a linear schedule and ``lr_warmup_ratio`` warm-up."""
+    """AdamW over the parameters that require grad now; ``lr_scheduler`` after a linear ``lr_warmup_ratio`` warm-up."""
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
-    scheduler = get_linear_schedule_with_warmup(optimizer, round(config.lr_warmup_ratio * total_steps), total_steps)
+    warmup = round(config.lr_warmup_ratio * total_steps)
+    scheduler = get_scheduler(LR_SCHEDULERS[config.lr_scheduler], optimizer, warmup, total_steps)
     return optimizer, scheduler
 
 
