@@ -98,3 +98,21 @@ def test_a_plain_evaluation_breaks_4bit_training_and_is_refused(qlora_llama):
         model(**BATCH, labels=BATCH["input_ids"]).loss.backward()
     lowest = [p for name, p in model.named_parameters() if p.requires_grad and ".layers.0." in name]
     assert lowest and all(p.grad is None or not p.grad.any() for p in lowest)
+
+
+@pytest.mark.skipif(
+    DEVICE != "cpu" or not has_avx512bf16(),
+    reason="bitsandbytes repacks 4-bit weights for inference on AVX512-BF16 CPUs only",
+)
+def test_the_freezer_refuses_a_repacked_model_when_built_and_at_its_next_decision(qlora_llama):
+    model = qlora_llama()
+    config = SafeConfig(tau=0.0, warmup_steps=2, score_every=1)
+    freezer = SafeFreezer(model, config, probe=dict(BATCH))
+    model.eval()
+    with torch.no_grad():
+        model(**BATCH)  # an evaluation outside SAFE repacks the 4-bit layers
+    model.train()
+    with pytest.raises(ConfigError, match="CPU inference layout"):
+        freezer.step(1)
+    with pytest.raises(ConfigError, match="CPU inference layout"):
+        SafeFreezer(model, config, probe=dict(BATCH))

@@ -33,6 +33,7 @@ from safefreeze.core.config import SafeConfig
 from safefreeze.core.decisions import Decision, DecisionStrategy, ScoredStrategy
 from safefreeze.core.merge import check_mergeable, merge_unit, unmerge_unit
 from safefreeze.core.policy import frozen_prefix
+from safefreeze.core.quantization import check_trainable
 from safefreeze.core.units import AdapterUnit, block_index, find_units
 
 T = TypeVar("T")
@@ -133,6 +134,7 @@ class SafeFreezer:
         self.events: list[FreezeEvent] = []
         if config.merge_frozen:
             check_mergeable(self.units)
+        check_trainable(model)
         for problem in self.diagnose():
             warnings.warn(problem, stacklevel=2)
         if self.strategy.is_due(0):  # a plan that freezes before the first step
@@ -157,6 +159,8 @@ class SafeFreezer:
         return self._apply(global_step, Decision({}, None, tuple(names)))
 
     def _decide(self, step: int) -> FreezeEvent:
+        check_trainable(self.model)  # an evaluation on CPU may have broken a 4-bit model since the last event
+
         def decide() -> tuple[Decision, dict]:
             return self.strategy.decide(step, self.frozen, self.merged), self.strategy.state_dict()
 

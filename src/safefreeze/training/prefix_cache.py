@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from safefreeze.core.config import ConfigError
+from safefreeze.core.quantization import scoring_mode
 
 CACHE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 
@@ -73,14 +74,12 @@ def prefix_output(model: nn.Module, blocks: list[nn.Module], depth: int, inputs:
         blocks[depth].register_forward_pre_hook(capture, with_kwargs=True),
         blocks[depth - 1].register_forward_hook(check_output),
     ]
-    was_training = model.training
-    model.eval()
     try:
-        model(**inputs)
+        with scoring_mode(model):  # eval mode; 4-bit layers stay as training needs them (core/quantization.py)
+            model(**inputs)
     except _PrefixDone as done:
         return done.hidden
     finally:
-        model.train(was_training)
         for handle in handles:
             handle.remove()
     raise RuntimeError(f"block {depth} was not called in the model's forward")
