@@ -91,6 +91,8 @@ def test_file_fills_options_and_flags_win(tmp_path, name, content):
         ("rank: 2.5\n", "rank must be a int"),
         ("- tau\n", "must hold name: value pairs"),
         ("tau: [\n", "cannot be read"),
+        ("memory:\n  checkpointing: auto\n", "checkpointing 'auto' picks blocks to fit a memory budget: set one"),
+        ("memory:\n  memory-budget: lots\n", "memory size 'lots' is not a positive number with a unit"),
     ],
 )
 def test_file_mistakes_are_one_line_errors(tmp_path, capsys, content, message):
@@ -129,10 +131,22 @@ def test_numbers_or_words_and_switches_from_a_file(tmp_path):
     assert safe.score_every == 7
 
 
+def test_memory_section_sets_checkpointing_and_budget(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text('[memory]\nmemory_budget = "300MiB"\n')
+    config, _ = _configs(build_parser().parse_args(["train", "--config", str(path)]))
+    assert (config.checkpointing, config.memory_budget) == ("none", "300MiB")  # a budget plans the blocks itself
+    config, _ = _configs(build_parser().parse_args(["train", "--config", str(path), "--memory-budget", "6GiB"]))
+    assert config.memory_budget == "6GiB"
+    path.write_text('[memory]\ncheckpointing = "all"\n')
+    config, _ = _configs(build_parser().parse_args(["train", "--config", str(path)]))
+    assert (config.checkpointing, config.memory_budget) == ("all", None)
+
+
 def test_help_shows_the_option_groups():
     train = build_parser()._subparsers._group_actions[0].choices["train"]
     groups = {group.title: {action.dest for action in group._group_actions} for group in train._action_groups}
-    assert list(OPTION_GROUPS) == ["model", "data", "adapter", "method", "optimisation", "output", "safe"]
+    assert list(OPTION_GROUPS) == ["model", "data", "adapter", "method", "optimisation", "memory", "output", "safe"]
     for section, cls in OPTION_GROUPS.items():
         assert groups[section] == {f.name for f in fields(cls)} - ({"seed"} if cls is SafeConfig else set())
     assert sorted(f.name for group in GROUPS for f in fields(group)) == sorted(f.name for f in fields(TrainConfig))

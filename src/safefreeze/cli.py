@@ -5,7 +5,7 @@ Options are generated from the option groups of ``TrainConfig`` (training/config
 from ``SafeConfig``, so their help text lives in one place and ``--help`` shows them in the
 same groups. ``--config run.yaml|run.toml`` reads the same options from a file, one section
 per group (``[model]``, ``[data]``, ``[adapter]``, ``[method]``, ``[optimisation]``,
-``[safe]``, ``[output]``; names as the long flags; a flat file without sections is read
+``[memory]``, ``[safe]``, ``[output]``; names as the long flags; a flat file without sections is read
 too); flags given on the command line win over the file, the file over the defaults.
 User mistakes end in one line on stderr and exit code 2; faults (disk full, a loss that
 is not finite) in one line and exit code 1; Ctrl-C saves a checkpoint and exits with 130

@@ -3,9 +3,10 @@
 A checkpoint is one file, ``<out>/checkpoints/step-000120.pt``, holding the run's
 configuration (its identity), the step and data position (epoch, batch in epoch), the
 trainable weights by name (adapters, task head; frozen adapters included), the optimizer
-and LR-scheduler state, the freezer's decisions and score history, every rank's RNG
-states (torch, CUDA, numpy, python), the per-step records of the report, and how often
-it checkpoints (a resumed run goes on the same way).
+and LR-scheduler state, the freezer's decisions and score history, fp16's loss scale, the
+measured block costs of a memory budget, every rank's RNG states (torch, CUDA, numpy,
+python), the per-step records of the report, and how often it checkpoints (a resumed run
+goes on the same way).
 
 Writing is atomic: the file is written under a hidden temporary name in the same
 directory, flushed and fsynced, renamed over its final name, and the directory fsynced.
@@ -32,6 +33,7 @@ from torch import nn
 
 from safefreeze.core.config import ConfigError
 from safefreeze.core.freezer import SafeFreezer
+from safefreeze.training.activation_plan import ActivationPlan
 
 CHECKPOINT_DIR = "checkpoints"
 KEEP = 2
@@ -107,8 +109,10 @@ def capture(
     identity: dict,
     rng: list[dict],
     scaler: torch.amp.GradScaler | None = None,
+    plan: ActivationPlan | None = None,
 ) -> dict:
-    """The state of a run after ``progress.step`` (``rng``: every rank's ``rng_state()``; ``scaler``: fp16's)."""
+    """The state of a run after ``progress.step`` (``rng``: every rank's ``rng_state()``; ``scaler``: fp16's;
+    ``plan``: the checkpointing plan, whose measured block costs a resumed run plans from)."""
     return {
         "format": FORMAT,
         "identity": identity,
@@ -121,6 +125,7 @@ def capture(
         "scheduler": scheduler.state_dict(),
         "freezer": freezer.state_dict() if freezer is not None else None,
         "scaler": scaler.state_dict() if scaler is not None else None,
+        "activation_plan": plan.state_dict() if plan is not None else None,
         "rng": rng,
         "records": progress.records,
         "scoring_seconds": progress.scoring_seconds,
@@ -138,6 +143,7 @@ def restore(
     rank: int = 0,
     world_size: int = 1,
     scaler: torch.amp.GradScaler | None = None,
+    plan: ActivationPlan | None = None,
 ) -> None:
     """Load ``capture``'s state into freshly built training objects; this rank's RNG last."""
     if state["world_size"] != world_size:
@@ -157,6 +163,8 @@ def restore(
         freezer.load_state_dict(state["freezer"])
     if scaler is not None and state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
+    if plan is not None and state.get("activation_plan"):
+        plan.load_state_dict(state["activation_plan"])
     progress.step = state["step"]
     progress.records = list(state["records"])
     progress.scoring_seconds = state["scoring_seconds"]

@@ -8,6 +8,7 @@ section it has in a config file and in ``--help``:
     [adapter]       the adapter trained (LoRA or bottleneck)           AdapterOptions
     [method]        the method and the options only it takes           MethodOptions
     [optimisation]  steps, batches, learning rate, seed                OptimisationOptions
+    [memory]        activation checkpointing and a memory budget       MemoryOptions
     [safe]          SAFE's own knobs                                   core.config.SafeConfig
     [output]        what the run measures and writes                   OutputOptions
 
@@ -27,6 +28,8 @@ import torch
 
 from safefreeze.adapters.bottleneck import KINDS as BOTTLENECK_KINDS
 from safefreeze.core.config import ConfigError
+from safefreeze.training.activation_plan import MODES as CHECKPOINTING_MODES
+from safefreeze.training.activation_plan import ActivationPlan
 from safefreeze.training.methods import METHODS, TRAINING_METHODS
 from safefreeze.training.prefix_cache import CACHE_DTYPES
 
@@ -235,6 +238,30 @@ class OptimisationOptions:
 
 
 @dataclass
+class MemoryOptions:
+    """Activation memory: which transformer blocks recompute their activations in backward (activation_plan.py)."""
+
+    section: ClassVar[str] = "memory"
+    checkpointing: str = field(
+        default="none",
+        metadata={
+            "help": f"activation checkpointing: {', '.join(CHECKPOINTING_MODES)} (auto: the fewest blocks that fit "
+            "--memory-budget); frozen blocks are never checkpointed"
+        },
+    )
+    memory_budget: str | None = field(
+        default=None,
+        metadata={
+            "help": "the most activation memory a step may hold at its peak, e.g. 300MiB or 6GiB: checkpoint the "
+            "fewest blocks that fit, fewer as blocks freeze (implies --checkpointing auto)"
+        },
+    )
+
+    def _check(self) -> None:
+        ActivationPlan.from_switches(self.checkpointing, self.memory_budget)  # the switches agree, the size parses
+
+
+@dataclass
 class OutputOptions:
     """What the run measures and how it evaluates (where it writes, --out, is not part of the run)."""
 
@@ -246,11 +273,13 @@ class OutputOptions:
         _at_least_one(self, "flops_every", "eval_batch_size")
 
 
-GROUPS = (ModelOptions, DataOptions, AdapterOptions, MethodOptions, OptimisationOptions, OutputOptions)
+GROUPS = (ModelOptions, DataOptions, AdapterOptions, MethodOptions, OptimisationOptions, MemoryOptions, OutputOptions)
 
 
 @dataclass
-class TrainConfig(ModelOptions, DataOptions, AdapterOptions, MethodOptions, OptimisationOptions, OutputOptions):
+class TrainConfig(
+    ModelOptions, DataOptions, AdapterOptions, MethodOptions, OptimisationOptions, MemoryOptions, OutputOptions
+):
     """One training run: every group's options (module docstring). Help texts feed ``safefreeze train --help``."""
 
     def __post_init__(self) -> None:

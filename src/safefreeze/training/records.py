@@ -20,10 +20,18 @@ METRICS_NAME = "metrics.jsonl"
 
 @dataclass(frozen=True)
 class StepRecord:
-    """One optimizer step, as measured (None: not measured at this step).
+    """One optimizer step, as measured (None: not measured at this step, or not on this device).
 
     ``lr`` is the learning rate the step used; ``activation_bytes`` the bytes autograd saved
-    for backward; ``flops`` forward + backward FLOPs on sampled steps (``--flops-every``),
+    for backward in the forward pass; ``activation_peak_bytes`` the most saved bytes live at
+    once over forward and backward, recomputation of checkpointed blocks included (equal to
+    ``activation_bytes`` without checkpointing; what ``--memory-budget`` bounds);
+    ``checkpointed_blocks`` the blocks that ran checkpointed in this step (above the frozen
+    prefix); ``resident_peak_bytes`` the process's peak resident memory over the step's
+    forward, backward and update, and ``cuda_peak_bytes`` the same of allocated CUDA memory
+    (on CUDA only). With ``--grad-accum`` the activation values are the largest
+    micro-batch's (each frees its activations before the next runs). ``flops`` forward +
+    backward FLOPs (recomputation included) on sampled steps (``--flops-every``),
     ``seconds`` the step's wall-clock time on the other steps (counting FLOPs slows a step);
     ``ddp_rebuild_seconds`` the time DDP's wrapper took to be rebuilt after a freeze;
     ``frozen_units`` / ``trainable_units`` the adapter units frozen and still trained after
@@ -34,6 +42,10 @@ class StepRecord:
     loss: float
     lr: float
     activation_bytes: int
+    activation_peak_bytes: int
+    checkpointed_blocks: list[int]
+    resident_peak_bytes: int | None
+    cuda_peak_bytes: int | None
     flops: int | None
     seconds: float | None
     ddp_rebuild_seconds: float | None

@@ -5,12 +5,21 @@ a step's batch may run as micro-batches (``--grad-accum``) under autocast (``--p
 One loop serves every method of the method table (methods.py): ``full`` (all weights),
 ``lora`` (an adapter), ``safe`` (an adapter + ``SafeFreezer``) and the freezing baselines
 (an adapter + a planned ``SafeFreezer``). Every step is measured the same way
-(accounting.py): bytes autograd saves for backward, FLOPs on sampled steps, seconds on the others; it leaves one
-``StepRecord`` (records.py), in the report and, with a run directory, in ``metrics.jsonl``.
+(accounting.py): bytes autograd saves for backward and their peak over forward and
+backward, peak resident (and CUDA) memory, FLOPs on sampled steps, seconds on the
+others; it leaves one ``StepRecord`` (records.py), in the report and, with a run
+directory, in ``metrics.jsonl``.
+
+Activation checkpointing (``--checkpointing``, ``--memory-budget``) is an
+``ActivationPlan`` (activation_plan.py): under a budget the per-block costs are measured
+once on the worst-case micro-batch (the longest examples) and the fewest blocks that fit
+are checkpointed before the first step (an impossible budget fails there, naming the
+smallest that fits); each freeze event that raises the frozen prefix re-plans, since
+frozen blocks cost nothing. The costs travel in checkpoints, so a resumed run plans the same.
 
     train(config, safe)
-      setup     model + adapter, optimizer, scheduler, freezer, prefix cache; resume; DDP wrapper
-      for each batch:  step   forward + backward (measured), update, freeze decision → StepRecord
+      setup     model + adapter, optimizer, scheduler, freezer, prefix cache; resume; checkpointing plan; DDP wrapper
+      for each batch:  step   forward + backward (measured), update, freeze decision (re-plan) → StepRecord
                        keep   the record; a checkpoint when due or asked to stop
       finish    unmerge, evaluate on the held-out split, report
 """
@@ -40,10 +49,12 @@ from safefreeze.core.freezer import SafeFreezer
 from safefreeze.core.probe import draw_probe
 from safefreeze.core.units import AdapterUnit, find_blocks, find_units
 from safefreeze.training import checkpoint, distributed, faults
+from safefreeze.training.activation_plan import ActivationPlan, active
 from safefreeze.training.checkpoint import Checkpoints, Progress
 from safefreeze.training.config import LR_SCHEDULERS, PRECISIONS, TrainConfig
 from safefreeze.training.data import Collator, TaskData, check_task, encode, epoch_order, iterate_batches
 from safefreeze.training.datafiles import load_dataset
+from safefreeze.training.memory_budget import longest_batch
 from safefreeze.training.methods import METHODS, freezes
 from safefreeze.training.metrics import classification_metrics, language_model_metrics
 from safefreeze.training.models import add_lora, load_model, load_tokenizer, model_kind, resolve_model
@@ -78,6 +89,7 @@ class Run:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler | None  # fp16 only: the loss scale
+    plan: ActivationPlan  # which blocks are checkpointed
     freezer: SafeFreezer | None
     units: list[AdapterUnit]  # the adapter units the report lists (none for full fine-tuning)
     cache: PrefixCache | None
@@ -142,6 +154,7 @@ def setup(config: TrainConfig, safe: SafeConfig, checkpoints: Checkpoints, out: 
     total_steps = config.max_steps or math.ceil(config.epochs * steps_per_epoch)
     optimizer, scheduler = make_optimizer(config, model, total_steps)
     scaler = torch.amp.GradScaler(device.type) if config.precision == "fp16" else None
+    plan = ActivationPlan.from_switches(config.checkpointing, config.memory_budget)
 
     def probe() -> dict[str, torch.Tensor]:
         order = epoch_order(len(train_examples), config.seed, epoch=-1)  # an order no epoch uses
@@ -164,7 +177,14 @@ def setup(config: TrainConfig, safe: SafeConfig, checkpoints: Checkpoints, out: 
             group.rank,
             group.world_size,
             scaler,
+            plan,
         )
+    if plan.needs_costs:  # every rank measures the same batch, so every rank plans the same
+        micro_batch_size = math.ceil(config.batch_size // group.world_size / config.grad_accum)
+        worst = longest_batch(train_examples, micro_batch_size, collate)
+        with autocast(config, device):
+            plan.measure(model, {k: v.to(device) for k, v in worst.items()})
+    plan.apply(model, freezer.frozen_prefix() if freezer else 0)  # an impossible budget fails here
     model.train()
     replica = distributed.Replica(model, group)
     metrics = MetricsWriter(out / METRICS_NAME, progress.records) if out is not None and group.is_main else None
@@ -181,6 +201,7 @@ def setup(config: TrainConfig, safe: SafeConfig, checkpoints: Checkpoints, out: 
         optimizer=optimizer,
         scheduler=scheduler,
         scaler=scaler,
+        plan=plan,
         freezer=freezer,
         units=units,
         cache=cache,
@@ -217,32 +238,61 @@ def batches(run: Run) -> Iterator[tuple[list[int], dict[str, torch.Tensor]]]:
 
 
 def step(run: Run, indices: list[int], batch: dict[str, torch.Tensor], stop_requested: bool) -> tuple[StepRecord, bool]:
-    """One optimizer step: forward and backward (measured), the update, the freeze decision.
+    """One optimizer step: forward and backward of each micro-batch (measured), the update, the freeze decision.
 
     Returns the step's record and whether any rank was asked to stop (agreed in the loss's all-reduce).
     """
     number = run.progress.step + 1
     sample_flops = (number - 1) % run.config.flops_every == 0
+    prefix = run.freezer.frozen_prefix() if run.freezer else 0
+    checkpointed = active(run.model, prefix)
     start = accounting.now(run.device)
     counter = accounting.flop_counter(sample_flops)
-    dtype = PRECISIONS[run.config.precision]
-    activation_bytes, loss = 0, 0.0
-    with counter:
-        for part, part_batch, weight in micro_batches(run, indices, batch):
-            part_batch = {k: v.to(run.device) for k, v in part_batch.items()}
-            with accounting.record_saved_tensors(run.model, run.scopes) as saved:
-                # Inside the counter: a cache miss runs the frozen prefix here, and that is this step's work.
-                with run.cache.feeding(run.freezer.frozen_prefix(), part, part_batch) if run.cache else nullcontext():
-                    with torch.autocast(run.device.type, dtype) if dtype else nullcontext():
-                        part_loss = run.replica(**part_batch).loss
-                    part_loss = part_loss if weight == 1 else part_loss * weight
-                    (run.scaler.scale(part_loss) if run.scaler else part_loss).backward()
-            activation_bytes = max(activation_bytes, saved.bytes)  # micro-batches free theirs in turn
-            loss = part_loss.detach() + loss
-    flops = counter.get_total_flops()
-    loss_value, stop = run.group.agree(loss, stop_requested)
-    faults.check_loss(loss_value, number, run.checkpoints.last)
-    lr = run.optimizer.param_groups[0]["lr"]
+    activation_bytes = activation_peak_bytes = 0
+    loss = 0.0
+    with accounting.record_memory_peaks(run.device) as peaks:
+        with counter:
+            for part, part_batch, weight in micro_batches(run, indices, batch):
+                part_batch = {k: v.to(run.device) for k, v in part_batch.items()}
+                with accounting.record_saved_tensors(run.model, run.scopes) as saved:
+                    # Inside the counter: a cache miss runs the frozen prefix here, and that is this step's work.
+                    with run.cache.feeding(prefix, part, part_batch) if run.cache else nullcontext():
+                        with autocast(run.config, run.device):
+                            part_loss = run.replica(**part_batch).loss
+                        part_loss = part_loss if weight == 1 else part_loss * weight
+                        (run.scaler.scale(part_loss) if run.scaler else part_loss).backward()
+                # Micro-batches free their activations in turn: the step holds the largest one's.
+                activation_bytes = max(activation_bytes, saved.bytes)
+                activation_peak_bytes = max(activation_peak_bytes, saved.peak_bytes)
+                loss = part_loss.detach() + loss
+        flops = counter.get_total_flops()
+        loss_value, stop = run.group.agree(loss, stop_requested)
+        faults.check_loss(loss_value, number, run.checkpoints.last)
+        lr = run.optimizer.param_groups[0]["lr"]
+        update(run)
+    seconds = accounting.now(run.device) - start
+    rebuild_seconds = decide(run, number)
+    frozen = len(run.freezer.frozen) if run.freezer else 0
+    record = StepRecord(
+        step=number,
+        loss=loss_value,
+        lr=lr,
+        activation_bytes=activation_bytes,
+        activation_peak_bytes=activation_peak_bytes,
+        checkpointed_blocks=list(checkpointed),
+        resident_peak_bytes=peaks.resident_bytes,
+        cuda_peak_bytes=peaks.cuda_bytes,
+        flops=flops,
+        seconds=None if sample_flops else seconds,
+        ddp_rebuild_seconds=rebuild_seconds,
+        frozen_units=frozen,
+        trainable_units=len(run.units) - frozen,
+    )
+    return record, stop
+
+
+def update(run: Run) -> None:
+    """Clip the gradients to norm 1 and step the optimizer (fp16: unscaled first, skipped on overflow) and the LR."""
     if run.scaler:
         run.scaler.unscale_(run.optimizer)
     torch.nn.utils.clip_grad_norm_([p for p in run.model.parameters() if p.requires_grad], 1.0)
@@ -253,21 +303,12 @@ def step(run: Run, indices: list[int], batch: dict[str, torch.Tensor], stop_requ
         run.optimizer.step()
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
-    seconds = accounting.now(run.device) - start
-    rebuild_seconds = decide(run, number)
-    frozen = len(run.freezer.frozen) if run.freezer else 0
-    record = StepRecord(
-        step=number,
-        loss=loss_value,
-        lr=lr,
-        activation_bytes=activation_bytes,
-        flops=flops,
-        seconds=None if sample_flops else seconds,
-        ddp_rebuild_seconds=rebuild_seconds,
-        frozen_units=frozen,
-        trainable_units=len(run.units) - frozen,
-    )
-    return record, stop
+
+
+def autocast(config: TrainConfig, device: torch.device):
+    """``--precision``'s autocast for forward and backward (nothing for fp32)."""
+    dtype = PRECISIONS[config.precision]
+    return torch.autocast(device.type, dtype) if dtype else nullcontext()
 
 
 def micro_batches(
@@ -295,13 +336,17 @@ def micro_batches(
 
 
 def decide(run: Run, number: int) -> float | None:
-    """The freezer's decision after step ``number`` (one ``FreezeEvent``); under DDP, the seconds it took to
-    rebuild the wrapper when the event froze something (DDP's reducer must forget the frozen parameters)."""
+    """The freezer's decision after step ``number`` (one ``FreezeEvent``), and a new checkpointing plan when it
+    raised the frozen prefix; under DDP, the seconds it took to rebuild the wrapper when the event froze
+    something (DDP's reducer must forget the frozen parameters)."""
     if run.freezer is None or not run.freezer.is_due(number):
         return None
     start = accounting.now(run.device)
+    prefix = run.freezer.frozen_prefix()
     event = run.freezer.step(number)
     run.progress.scoring_seconds += accounting.now(run.device) - start
+    if event.frozen_prefix > prefix:
+        run.plan.apply(run.model, event.frozen_prefix)  # frozen blocks cost nothing: fewer blocks need checkpointing
     if not event.frozen_now or run.group.world_size == 1:
         return None
     start = accounting.now(run.device)
@@ -328,6 +373,7 @@ def keep(run: Run, record: StepRecord, save: bool = False) -> None:
             run_identity(run.config, run.safe),
             rng,
             run.scaler,
+            run.plan,
         )
         run.checkpoints.last = run.group.on_main(partial(run.checkpoints.save, state))
 
@@ -488,7 +534,7 @@ def build_report(run: Run, evaluation: dict[str, float]) -> dict:
         }
         for unit in run.units
     ]
-    activation = [s["activation_bytes"] for s in steps]
+    activation = [s["activation_peak_bytes"] for s in steps]  # a step's activation memory is its peak
     flops = [s["flops"] for s in steps if s["flops"] is not None]
     seconds = [s["seconds"] for s in steps if s["seconds"] is not None]
     return {
@@ -514,8 +560,18 @@ def build_report(run: Run, evaluation: dict[str, float]) -> dict:
             "train_seconds": run.progress.train_seconds,
             "scoring_seconds": run.progress.scoring_seconds,
             "trainable_parameters_start": run.trainable_at_start,
-            "cuda_peak_bytes": torch.cuda.max_memory_allocated(run.device) if run.device.type == "cuda" else None,
+            "resident_peak_bytes": _largest(s["resident_peak_bytes"] for s in steps),
+            "cuda_peak_bytes": _largest(s["cuda_peak_bytes"] for s in steps),  # reset at every step: the max
+            "checkpointing": run.plan.mode,
+            "memory_budget_bytes": run.plan.budget,
+            "block_costs": run.plan.costs.to_dict() if run.plan.costs else None,
             "prefix_cache": run.cache.stats() if run.cache else None,
             "world_size": run.group.world_size,
         },
     }
+
+
+def _largest(values) -> int | None:
+    """The largest of the values measured (None where a step did not measure, e.g. CUDA memory on a CPU)."""
+    present = [value for value in values if value is not None]
+    return max(present) if present else None
