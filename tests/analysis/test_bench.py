@@ -11,6 +11,7 @@ import pytest
 from safefreeze.analysis import bench
 from safefreeze.analysis.bench import Preset, aggregate, load_preset, plan_cells, render_table, run_bench
 from safefreeze.core.config import ConfigError
+from safefreeze.training.memory_budget import parse_size
 from safefreeze.training.methods import METHODS, TRAINING_METHODS
 from safefreeze.training.train import RunResult
 
@@ -38,6 +39,10 @@ def fake_train(calls: list):
             "total_units": 6,
             "trainable_parameters_end": 1,
             "optimizer_state_bytes_end": 1,
+            "resident_peak_bytes": 1000 * scale,
+            "cuda_peak_bytes": None,
+            "checkpointing": config.checkpointing,
+            "memory_budget_bytes": parse_size(config.memory_budget) if config.memory_budget else None,
         }
         score = 0.5 + 0.1 * config.seed + (0.05 if config.method == "safe" else 0.0)
         steps = [{"step": 1, "loss": 1.0, "activation_bytes": 1, "flops": 1, "seconds": None, "frozen_units": 0}]
@@ -163,6 +168,8 @@ def test_aggregate_ratios_are_to_lora_of_the_same_task():
             "score": score,
             "activation_bytes_mean": memory,
             "activation_bytes_peak": memory,
+            "resident_peak_bytes": memory,
+            "cuda_peak_bytes": None,
             "flops_per_step_mean": None,
             "seconds_per_step_mean": 1.0,
             "train_seconds": 2.0,
@@ -178,6 +185,7 @@ def test_aggregate_ratios_are_to_lora_of_the_same_task():
         [lora, safe]
     )
     assert safe["flops_per_step_mean_vs_lora"] is None and lora["activation_bytes_peak_vs_lora"] == 1.0
+    assert safe["resident_peak_bytes_vs_lora"] == pytest.approx(0.25) and safe["cuda_peak_bytes_vs_lora"] is None
 
 
 def test_unknown_methods_in_a_preset_are_named():
@@ -190,8 +198,16 @@ def test_bench_methods_are_the_method_table():
     """One vocabulary: training methods and SAFE's variants are rows of one table, each with its plot style."""
     assert TRAINING_METHODS == ("lora", "safe", "random", "adapterdrop", "freezeout", "full")
     variants = {name: row for name, row in METHODS.items() if row.base is not None}
-    assert set(variants) == {"safe+merge", "safe+cache", "safe+all", "safe-resource"}
-    assert all(row.base == "safe" and row.strategy is None for row in variants.values())
+    assert set(variants) == {"safe+merge", "safe+cache", "safe+all", "safe-resource", "safe+budget"} | {
+        "lora+ckpt",
+        "lora+budget",
+    }
+    assert all(row.base == name.split("+")[0].split("-")[0] for name, row in variants.items())
+    assert all(row.strategy is None for row in variants.values())
+    assert {name: row.lora_budget for name, row in METHODS.items() if row.lora_budget} == {
+        "lora+budget": 0.5,
+        "safe+budget": 0.5,
+    }
     assert len({row.colour for row in METHODS.values()}) == len(METHODS)  # every method tells apart in a plot
     assert [name for name, row in METHODS.items() if row.follows_safe] == ["random", "adapterdrop"]
 
@@ -209,8 +225,34 @@ def test_presets_are_data_files(tmp_path):
     mine.write_text('seeds = [3]\n[methods]\nmovies = ["lora"]\n[train.movies]\nmax_steps = 2\n')
     (cell,) = plan_cells(load_preset(mine), tmp_path)
     assert (cell.config.dataset, cell.config.max_steps, cell.seed) == ("movies", 2, 3)
-    with pytest.raises(ConfigError, match="unknown bench preset 'tiny'; choose one of full, quick"):
+    memory = load_preset("memory")
+    assert memory.seeds == (0, 1, 2) and set(memory.methods) == {"trec", "movies", "hamlet"}
+    assert all(m == ("lora", "safe", "lora+ckpt", "lora+budget", "safe+budget") for m in memory.methods.values())
+    with pytest.raises(ConfigError, match="unknown bench preset 'tiny'; choose one of full, memory, quick"):
         load_preset("tiny")
     mine.write_text("seeds = [0]\n")
     with pytest.raises(ConfigError, match=r"needs seeds and \[methods\]"):
         load_preset(mine)
+
+
+def test_budget_methods_take_half_of_loras_peak_of_the_same_cell(tmp_path, monkeypatch):
+    """Fake LoRA peak: 200 bytes per step, so lora+budget and safe+budget run under 100 B; lora+ckpt checkpoints all."""
+    calls = []
+    monkeypatch.setattr(bench, "train", fake_train(calls))
+    preset = Preset(seeds=(0,), methods={"trec": ("safe+budget", "lora+budget", "lora+ckpt", "safe", "lora")})
+    with pytest.raises(ConfigError, match="run the lora cells first"):
+        run_bench("test", tmp_path, preset=preset, methods=["lora+budget"], log=lambda line: None)
+    table = run_bench("test", tmp_path, preset=preset, log=lambda line: None)
+    assert calls == [("lora", 0), ("safe", 0), ("lora", 0), ("lora", 0), ("safe", 0)]
+    configs = {
+        m: json.loads((tmp_path / "trec" / "s0" / m / "report.json").read_text())["config"]
+        for m in preset.methods["trec"]
+    }
+    assert configs["lora+ckpt"]["checkpointing"] == "all" and configs["lora+ckpt"]["memory_budget"] is None
+    assert configs["lora+budget"]["memory_budget"] == configs["safe+budget"]["memory_budget"] == "100B"
+    assert configs["lora"]["memory_budget"] is None and configs["safe"]["memory_budget"] is None
+    ratios = {entry["method"]: entry["resident_peak_bytes_vs_lora"] for entry in table}
+    assert ratios == {"lora": 1.0, "safe": 0.5, "lora+ckpt": 1.0, "lora+budget": 1.0, "safe+budget": 0.5}
+    assert "resident peak" in (tmp_path / "results.md").read_text()
+    with pytest.raises(ConfigError, match="takes its memory budget from LoRA's peak; add lora"):
+        plan_cells(Preset(seeds=(0,), methods={"trec": ("safe", "safe+budget")}), tmp_path)

@@ -8,9 +8,9 @@ import numpy as np
 from matplotlib.image import imread
 from test_bench import PRESET, fake_train
 
-from safefreeze.analysis import bench
+from safefreeze.analysis import bench, plots
 from safefreeze.analysis.plots import PLOTS_HEADING, plot
-from safefreeze.analysis.report import write_run
+from safefreeze.analysis.report import MIB, write_run
 
 
 def assert_real_png(path: Path) -> None:
@@ -49,3 +49,28 @@ def test_bench_directory(tmp_path, monkeypatch):
     for path in images:
         assert_real_png(path)
     assert "![tradeoff](tradeoff.png)" in (tmp_path / "results.md").read_text()
+
+
+def test_peak_memory_is_drawn_against_the_budget(quick_train, tmp_path, monkeypatch):
+    lora = quick_train("lora").report
+    budget = lora["summary"]["activation_bytes_peak"] // 2
+    safe = quick_train("safe", memory_budget=f"{budget}B").report
+    for report in (lora, safe):
+        write_run(tmp_path / report["method"], report)
+    rows = f"| memory budget MiB | {budget / MIB:,.2f} |\n| checkpointing | auto |"
+    assert rows in (tmp_path / "safe" / "report.md").read_text()
+    assert "| memory budget MiB |" not in (tmp_path / "lora" / "report.md").read_text()
+    figures = {}
+
+    def keep(figure, path):
+        figures[path.name] = figure
+        return path
+
+    monkeypatch.setattr(plots, "_save", keep)
+    plot(tmp_path)
+    memory = figures["costs-per-step.png"].axes[0]
+    lines = {line.get_label(): line for line in memory.get_lines()}
+    assert set(lines) == {"LoRA", "SAFE", "SAFE: budget"}  # LoRA ran without one
+    assert list(lines["SAFE: budget"].get_ydata()) == [budget / MIB] * 2
+    assert list(lines["SAFE"].get_ydata()) == [s["activation_peak_bytes"] / MIB for s in safe["steps"]]
+    assert max(lines["SAFE"].get_ydata()) <= budget / MIB

@@ -6,12 +6,16 @@ included) and the options of each task's runs. Every cell is one ``train`` run w
 ``OUT/<task>/s<seed>/<method>/`` (report.json, report.md, metrics.jsonl, the adapter). A cell
 whose report.json exists is finished and never recomputed, so an interrupted bench resumes
 where it stopped. Methods that follow SAFE's freezing (``random``, ``adapterdrop``) take the
-``safe`` cell of the same task and seed as ``--reference``, which is therefore run first.
+``safe`` cell of the same task and seed as ``--reference``, which is therefore run first;
+methods under a memory budget (``lora+budget``, ``safe+budget``) take it as a fraction of
+the activation peak of the ``lora`` cell of the same task and seed, run first too.
 
 The results are ``results.json`` (every cell and the aggregate table), ``results.csv`` (one
 row per cell) and ``results.md``: per task and method, the primary score as mean ± std
 over seeds, and each cost as the ratio of its mean over seeds to LoRA's mean in the same
 bench (these machines are noisy and shared: only ratios measured together mean much).
+Memory is a step's activation peak (saved bytes live at once, recomputation included),
+its mean over steps and its largest, and the process's peak resident memory (and CUDA's).
 """
 
 from __future__ import annotations
@@ -39,6 +43,8 @@ _SOURCE_PRESETS = Path(__file__).resolve().parents[3] / PRESETS_DIR
 COSTS = (  # summary key, column label
     ("activation_bytes_mean", "act. mem mean"),
     ("activation_bytes_peak", "act. mem peak"),
+    ("resident_peak_bytes", "resident peak"),
+    ("cuda_peak_bytes", "CUDA peak"),
     ("flops_per_step_mean", "FLOPs/step"),
     ("seconds_per_step_mean", "s/step"),
     ("train_seconds", "train time"),
@@ -120,6 +126,8 @@ def plan_cells(preset: Preset, out: Path, tasks: list[str] | None = None) -> lis
                 row = METHODS[method]
                 if row.follows_safe and "safe" not in methods:
                     raise ConfigError(f"bench method {method} follows SAFE's freezing; add safe to the grid")
+                if row.lora_budget is not None and "lora" not in methods:
+                    raise ConfigError(f"bench method {method} takes its memory budget from LoRA's peak; add lora")
                 reference = str(out / base / "safe") if row.follows_safe else None
                 options = {"dataset": task, **preset.train.get(task, {}), **row.train, "method": row.trains}
                 config = TrainConfig(**options, seed=seed, reference=reference)
@@ -132,6 +140,26 @@ def _differing_settings(stored: dict, wanted: dict) -> list[str]:
     """Settings a finished cell ran with that differ from the bench's (where it was run and
     options newer than the cell do not count)."""
     return [k for k in stored.keys() & wanted.keys() - {"reference", "device"} if stored[k] != wanted[k]]
+
+
+def with_lora_budget(cell: Cell, out: Path) -> Cell:
+    """The cell with its memory budget filled in, for a method that has one (``Method.lora_budget``):
+    that fraction of the activation peak of the finished ``lora`` cell of the same task and seed.
+
+    Raises:
+        ConfigError: if that LoRA cell has not run yet.
+    """
+    fraction = METHODS[cell.method].lora_budget
+    if fraction is None:
+        return cell
+    lora = out / Path(cell.run).parent / "lora" / "report.json"
+    if not lora.exists():
+        raise ConfigError(
+            f"bench method {cell.method} takes its memory budget from LoRA's peak, but {lora} does not exist: "
+            "run the lora cells first (--methods lora)"
+        )
+    peak = json.loads(lora.read_text())["summary"]["activation_bytes_peak"]
+    return replace(cell, config=replace(cell.config, memory_budget=f"{int(fraction * peak)}B"))
 
 
 def run_cell(cell: Cell, out: Path, progress: bool = True) -> tuple[dict, bool]:
@@ -164,7 +192,7 @@ def cell_row(cell: Cell, report: dict) -> dict:
         "run": cell.run,
         "metric": metric,
         "score": score,
-        **{key: summary[key] for key, _ in COSTS},
+        **{key: summary.get(key) for key, _ in COSTS},  # reports from before resident peaks were kept lack it
         "frozen_units": summary["frozen_units"],
         "total_units": summary["total_units"],
         "steps": len(report["steps"]),
@@ -277,6 +305,7 @@ def run_bench(
         cells = [cell for cell in cells if cell.method in methods]
     rows = []
     for i, cell in enumerate(cells, 1):
+        cell = with_lora_budget(cell, Path(out))
         report, ran = run_cell(cell, Path(out), progress)
         log(f"[{i}/{len(cells)}] {cell.task} {cell.method} seed {cell.seed}: {'done' if ran else 'already done'}")
         rows.append(cell_row(cell, report))

@@ -3,8 +3,9 @@
 - importance heatmap: units × measurement steps, colour = normalised importance, a cross
   on every cell where the unit was already frozen;
 - freeze timeline: frozen units over steps, one line per method;
-- costs per step: activation memory (every step) and FLOPs (sampled steps), one line per
-  method on a shared axis (SAFE against LoRA when a directory holds both);
+- costs per step: activation memory (every step's peak, against the memory budget of a run
+  that has one) and FLOPs (sampled steps), one line per method on a shared axis (SAFE
+  against LoRA when a directory holds both);
 - training loss per step, one line per method;
 - for a bench: score against mean activation memory (as a ratio to LoRA), per task.
 
@@ -98,19 +99,29 @@ def freeze_timeline(reports: dict[str, dict], path: Path) -> Path:
     return _per_step_axes(reports, path, "freeze timeline", f"frozen units (of {total})", draw)
 
 
+def _activation_peak(step: dict) -> int:
+    """A step's activation peak (reports written before peaks were recorded: what forward saved, the same
+    without checkpointing, the only way they ran)."""
+    return step.get("activation_peak_bytes", step["activation_bytes"])
+
+
 def costs_per_step(reports: dict[str, dict], path: Path) -> Path:
-    """Activation MiB per step and GFLOPs on the sampled steps, every run on the same axes."""
+    """Activation MiB per step (its peak; a dashed line at a run's memory budget) and GFLOPs on the sampled
+    steps, every run on the same axes."""
     figure = Figure(figsize=(10, 3.4))
     memory, flops = figure.subplots(1, 2)
     for label, report in reports.items():
         steps = report["steps"]
         memory.plot(
             [s["step"] for s in steps],
-            [s["activation_bytes"] / MIB for s in steps],
+            [_activation_peak(s) / MIB for s in steps],
             label=_label(label),
             color=_colour(label),
             lw=1,
         )
+        budget = report["summary"].get("memory_budget_bytes")
+        if budget is not None:
+            memory.axhline(budget / MIB, color=_colour(label), ls="--", lw=1, label=f"{_label(label)}: budget")
         sampled = [s for s in steps if s["flops"] is not None]
         flops.plot(
             [s["step"] for s in sampled],
@@ -119,7 +130,7 @@ def costs_per_step(reports: dict[str, dict], path: Path) -> Path:
             label=_label(label),
             color=_colour(label),
         )
-    memory.set(xlabel="optimizer step", ylabel="MiB saved for backward", title="activation memory per step")
+    memory.set(xlabel="optimizer step", ylabel="MiB live for backward (peak)", title="activation memory per step")
     flops.set(xlabel="optimizer step", ylabel="GFLOPs (fwd + bwd)", title="computation per step (sampled)")
     memory.legend(fontsize=8)
     flops.legend(fontsize=8)

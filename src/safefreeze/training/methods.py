@@ -4,7 +4,9 @@ One row per method says how its run is built (default learning rate, whether it 
 an adapter, which decision strategy freezes its units), whether it follows a SAFE run's
 freezing (``--reference``: the bench runs that SAFE cell first), and how plots show it.
 Training methods are the rows ``safefreeze train --method`` takes; a *variant* (``safe+merge``
-...) is a bench row that trains its ``base`` method with a few options switched on.
+...) is a bench row that trains its ``base`` method with a few options switched on. A row
+with a ``lora_budget`` trains under a memory budget that is that fraction of plain LoRA's
+measured activation peak on the same task and seed (the bench runs that LoRA cell first).
 
     lora         the adapter alone                      nothing freezes
     safe         adapter + selective freezing (SAFE)    ScoredStrategy: CKA importance, threshold, policy
@@ -12,6 +14,9 @@ Training methods are the rows ``safefreeze train --method`` takes; a *variant* (
     random       SAFE's freeze counts, random units     PlannedStrategy (baselines.py)
     adapterdrop  no trained adapter in the lowest k     PlannedStrategy, at step 0
     freezeout    bottom-up on a cubic time schedule     PlannedStrategy
+    lora+ckpt    LoRA, every block checkpointed          (what activation checkpointing costs today)
+    lora+budget  LoRA under 50% of LoRA's peak            the fewest blocks checkpointed that fit
+    safe+budget  SAFE under 50% of LoRA's peak            fewer blocks as SAFE freezes (re-planned)
 """
 
 from __future__ import annotations
@@ -52,7 +57,8 @@ class Method:
 
     ``strategy`` builds the decision strategy of a freezing method (None: nothing freezes);
     ``base``, ``train`` and ``safe`` make a bench variant: the ``base`` method with these
-    ``TrainConfig`` and ``SafeConfig`` overrides.
+    ``TrainConfig`` and ``SafeConfig`` overrides; ``lora_budget`` its memory budget as a fraction
+    of the activation peak of plain LoRA's run on the same task and seed.
     """
 
     name: str
@@ -65,6 +71,7 @@ class Method:
     base: str | None = None
     train: dict = field(default_factory=dict)
     safe: dict = field(default_factory=dict)
+    lora_budget: float | None = None
 
     @property
     def trains(self) -> str:
@@ -91,6 +98,10 @@ _ROWS = (
         safe={"merge_frozen": True, "policy": "resource"},
     ),
     Method("safe-resource", "SAFE, resource policy", "tab:cyan", base="safe", safe={"policy": "resource"}),
+    # Activation checkpointing and a memory budget (issue 12): what LoRA pays for its peak, and SAFE's share.
+    Method("lora+ckpt", "LoRA + checkpointing", "navy", base="lora", train={"checkpointing": "all"}),
+    Method("lora+budget", "LoRA, 50% budget", "deepskyblue", base="lora", lora_budget=0.5),
+    Method("safe+budget", "SAFE, 50% budget", "darkred", base="safe", lora_budget=0.5),
 )
 METHODS: dict[str, Method] = {row.name: row for row in _ROWS}
 TRAINING_METHODS = tuple(name for name, row in METHODS.items() if row.base is None)
