@@ -3,8 +3,9 @@ import pytest
 from safefreeze.core.config import AUTO, ConfigError, SafeConfig
 
 
-def test_auto_cadence_and_smoothing_scale_with_the_warmup():
-    config = SafeConfig(score_every=AUTO, smoothing=AUTO)
+def test_cadence_and_smoothing_default_to_auto_and_scale_with_the_warmup():
+    config = SafeConfig()
+    assert config.score_every == AUTO and config.smoothing == AUTO
     # TREC's 405 steps (W = 122): the cadence and EMA the defaults were measured with.
     assert config.resolve_score_every(122) == 10
     assert config.resolve_smoothing(122) == pytest.approx(0.7011062, abs=1e-7)

@@ -6,10 +6,11 @@ and smoothed by an EMA of 0.7 per measurement. Importance is normalised by the t
 which dominates (MiniLM's top block scores 5-50x the bottom ones), and every unit dips
 briefly early in training; the EMA keeps that dip from freezing a unit that later matters.
 
-Those numbers are per step and per measurement, so they only fit runs of that length (a
-80-step run gets 5 measurements and froze nothing). ``"auto"`` scales either with the
-warm-up W (schedule.py): ``score_every = ⌊W/12⌋`` and an EMA whose half-life is 0.16·W,
-which at W = 122 are the measured 10 steps and 0.70. A number sets either one exactly.
+Those numbers were per step and per measurement, so they only fitted runs of that length (a
+80-step run got 5 measurements and froze nothing). The cadence and the smoothing therefore
+default to ``"auto"`` and scale with the warm-up W (schedule.py): ``score_every = ⌊W/12⌋``
+and an EMA whose half-life is 0.16·W, which at W = 122 are the measured 10 steps and 0.70.
+A number sets either one exactly.
 Fields carry ``metadata={"help": ...}`` like PEFT's configs so that ``safefreeze train
 --help`` is generated from this one place.
 """
@@ -47,7 +48,7 @@ class SafeConfig:
         metadata={"help": "warm-up length as a fraction of the total optimizer steps"},
     )
     score_every: int | str = field(
-        default=10,
+        default=AUTO,
         metadata={
             "help": f"score the units every N optimizer steps during the warm-up, or '{AUTO}': "
             f"warm-up / {MEASUREMENTS} steps, so any run length gets at least {MEASUREMENTS} measurements"
@@ -78,7 +79,7 @@ class SafeConfig:
         metadata={"help": "unit importance: 'cka' (1 - CKA of feature maps) or 'random' (ablation)"},
     )
     smoothing: float | str = field(
-        default=0.7,
+        default=AUTO,
         metadata={
             "help": "weight of the running average of scores at each measurement (EMA), in [0, 1); 0 = none; "
             f"'{AUTO}': from --smoothing-halflife, so runs of any length smooth alike"
