@@ -256,7 +256,8 @@ def command_train(args: argparse.Namespace) -> None:
 
 
 def command_compare(args: argparse.Namespace) -> None:
-    from safefreeze.analysis.report import check_out_dir, comparison_rows, render_comparison, write_atomically
+    from safefreeze.analysis.report import check_out_dir, comparison_rows, render_comparison
+    from safefreeze.training.outputs import write_atomically
 
     config, safe = _configs(args, method="lora")
     out = args.out or Path("runs") / f"compare-{Path(config.model).name}-{config.dataset}-s{config.seed}"

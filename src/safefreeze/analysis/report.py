@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 from peft import PeftModel
@@ -19,6 +18,7 @@ from safefreeze.adapters.bottleneck import is_bottleneck_model, save_bottleneck
 from safefreeze.core.config import ConfigError
 from safefreeze.core.state import write_state
 from safefreeze.training import checkpoint
+from safefreeze.training.outputs import write_atomically
 from safefreeze.training.records import METRICS_NAME
 
 MIB = 2**20
@@ -105,31 +105,6 @@ def write_run(out: Path, report: dict, model=None, freezer=None) -> None:
             write_state(freezer, staging / "adapter")
 
     write_atomically(out, fill, keep=(checkpoint.CHECKPOINT_DIR, METRICS_NAME))
-
-
-def write_atomically(out: Path, fill, keep: tuple[str, ...] = ()) -> None:
-    """Build a directory with ``fill(staging)`` beside ``out``, then swap it into place.
-
-    Entries of the old ``out`` named in ``keep`` move into the new one. An ``OSError``
-    (disk full...) leaves ``out`` as it was and no staging directory behind.
-    """
-    out = Path(out)
-    staging = out.with_name(f".{out.name}.partial-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    try:
-        fill(staging)
-    except BaseException as error:
-        shutil.rmtree(staging, ignore_errors=True)
-        if isinstance(error, OSError) and error.filename is None:
-            error.filename = str(out)
-        raise
-    for name in keep:
-        if (out / name).exists():
-            (out / name).rename(staging / name)
-    if out.exists():
-        shutil.rmtree(out)
-    staging.rename(out)
 
 
 def primary_score(report: dict) -> tuple[str, float]:

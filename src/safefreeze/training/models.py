@@ -25,6 +25,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelF
 
 from safefreeze.core.config import ConfigError
 from safefreeze.training.data import package_file
+from safefreeze.training.outputs import write_atomically
 
 
 @dataclass
@@ -128,7 +129,6 @@ def export_model(spec: str, out_dir: str | Path) -> Path:
     Raises:
         ConfigError: ``out_dir`` exists and is not an empty directory, or ``spec`` names no model.
     """
-    from safefreeze.analysis.report import write_atomically  # one staging-and-rename for every output folder
 
     out = Path(out_dir).expanduser()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
