@@ -59,6 +59,7 @@ from collections.abc import Sized
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed import fsdp
 from transformers import PreTrainedModel, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import ExportableState
 from transformers.training_args import ParallelMode
@@ -118,6 +119,14 @@ def _decide_on(fn):
     if not (dist.is_available() and dist.is_initialized()):
         return fn()
     return Group(dist.get_rank(), dist.get_world_size()).on_main(fn)
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """Whether FSDP shards ``model``: then its probe forward all-gathers the weights, a collective every rank must
+    join, so every rank scores (rank 0 scoring alone would wait forever); the ranks score the same probe on the
+    same weights and decide alike."""
+    kinds = tuple(getattr(fsdp, name) for name in ("FSDPModule", "FullyShardedDataParallel") if hasattr(fsdp, name))
+    return any(isinstance(module, kinds) for module in model.modules())
 
 
 def longest_training_batch(args: TrainingArguments, train_dataloader, device: torch.device) -> dict[str, torch.Tensor]:
@@ -194,9 +203,8 @@ class SafeCallback(TrainerCallback, ExportableState):
             generator = torch.Generator().manual_seed(self.config.seed)
             order = torch.randperm(len(dataset), generator=generator).tolist()
         probe = draw_probe(dataset, train_dataloader.collate_fn, self.config.probe_size, order)
-        self.freezer = SafeFreezer(
-            model, self.config, optimizer, probe=probe, total_steps=state.max_steps, decide_on=_decide_on
-        )
+        decide = {} if is_sharded(model) else {"decide_on": _decide_on}  # {}: every rank decides
+        self.freezer = SafeFreezer(model, self.config, optimizer, probe=probe, total_steps=state.max_steps, **decide)
         save_state_with_model(model, self.freezer)
         saved = (state.stateful_callbacks or {}).get(type(self).__name__)
         saved = saved[0] if isinstance(saved, list) else saved
