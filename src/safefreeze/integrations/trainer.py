@@ -178,7 +178,6 @@ class SafeCallback(TrainerCallback, ExportableState):
         self.plan = ActivationPlan.from_switches(checkpointing, memory_budget)
         self.freezer: SafeFreezer | None = None
         self._unlogged: dict[str, float] = {}  # SAFE's values waiting for the Trainer's next log record
-        self._planned_prefix = 0  # the frozen prefix the checkpointing plan was made for
         self._log_plan = False  # whether the checkpointing plan is logged: SAFE's own, or one taken over
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, train_dataloader=None, **kwargs):
@@ -215,8 +214,7 @@ class SafeCallback(TrainerCallback, ExportableState):
         if self.plan.needs_costs:
             device = next(model.parameters()).device
             self.plan.measure(model, longest_training_batch(args, train_dataloader, device))
-        self._planned_prefix = self.freezer.frozen_prefix()
-        checkpointed = self.plan.apply(model, self._planned_prefix)
+        checkpointed = self.plan.apply(model, self.freezer.frozen_prefix())
         self._log_plan = self.plan.mode != "none" or bool(checkpointed)
         if self._log_plan:
             self._unlogged.update(self._plan_logs())
@@ -228,15 +226,13 @@ class SafeCallback(TrainerCallback, ExportableState):
         self._unlogged.update(event_logs(event))
         if event.frozen_now:
             logger.info("SAFE: froze %s at step %d", ", ".join(event.frozen_now), event.step)
-        if event.frozen_prefix > self._planned_prefix:
-            self._planned_prefix = event.frozen_prefix
-            self.plan.apply(self.freezer.model, event.frozen_prefix)  # cannot fail: a larger prefix only lowers costs
+        self.plan.follow(self.freezer.model, event)
         if self._log_plan:
             self._unlogged.update(self._plan_logs())
 
     def _plan_logs(self) -> dict[str, float]:
         """The checkpointing plan's log values: blocks checkpointed above the frozen prefix, the planned peak."""
-        model, prefix = self.freezer.model, self._planned_prefix
+        model, prefix = self.freezer.model, self.freezer.frozen_prefix()
         logs = {"safe/checkpointed_blocks": len(active(model, prefix))}
         peak = self.plan.peak(model, prefix)
         if peak is not None:

@@ -28,6 +28,7 @@ from torch import nn
 
 from safefreeze.core.checkpointing import checkpoint_blocks, checkpointed_blocks
 from safefreeze.core.config import ConfigError
+from safefreeze.core.freezer import FreezeEvent
 from safefreeze.core.units import find_blocks
 from safefreeze.training.memory_budget import BlockCosts, measure_block_costs, parse_size
 
@@ -94,6 +95,13 @@ class ActivationPlan:
         if chosen is not None:
             checkpoint_blocks(model, chosen)
         return active(model, frozen_prefix)
+
+    def follow(self, model: nn.Module, event: FreezeEvent) -> None:
+        """Re-plan after a freeze event: frozen blocks cost nothing, so fewer blocks above the frozen prefix need
+        checkpointing. A plan depends only on the prefix, so an event that did not raise it makes the same plan
+        again; none can fail (a larger prefix only lowers the costs)."""
+        if event.frozen_now:
+            self.apply(model, event.frozen_prefix)
 
     def peak(self, model: nn.Module, frozen_prefix: int) -> int | None:
         """The planned worst-case activation peak under the current plan, or None without a budget."""

@@ -342,11 +342,9 @@ def decide(run: Run, number: int) -> float | None:
     if run.freezer is None or not run.freezer.is_due(number):
         return None
     start = accounting.now(run.device)
-    prefix = run.freezer.frozen_prefix()
     event = run.freezer.step(number)
     run.progress.scoring_seconds += accounting.now(run.device) - start
-    if event.frozen_prefix > prefix:
-        run.plan.apply(run.model, event.frozen_prefix)  # frozen blocks cost nothing: fewer blocks need checkpointing
+    run.plan.follow(run.model, event)
     if not event.frozen_now or run.group.world_size == 1:
         return None
     start = accounting.now(run.device)
