@@ -53,6 +53,17 @@ def test_compare_prints_side_by_side(tmp_path, capsys):
     assert [r["method"] for r in rows] == ["lora", "safe"]
 
 
+def test_train_says_why_nothing_froze_when_tau_is_too_low(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--method", "safe", "--out", str(out), *FAST, *SAFE_FAST, "--tau", "0.0001"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["summary"]["frozen_units"] == 0
+    line = report["summary"]["why_no_saving"]
+    assert line.startswith("SAFE froze nothing: at its last measurement (step 4) the least important unit, block.")
+    assert "against a threshold of 0.000; set --tau above" in line
+    assert line in capsys.readouterr().out.splitlines() and line in (out / "report.md").read_text()
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [

@@ -278,6 +278,8 @@ def command_compare(args: argparse.Namespace) -> None:
     write_atomically(out, fill)
     print(f"\n{config.model} / {config.dataset}, seed {config.seed}: SAFE vs LoRA\n")
     print(table)
+    if reports["safe"]["summary"]["why_no_saving"]:
+        print(reports["safe"]["summary"]["why_no_saving"])
     print(f"wrote {out}/comparison.md and the two runs under {out}/lora, {out}/safe")
 
 

@@ -281,3 +281,137 @@ def test_auto_cadence_and_smoothing_follow_the_warm_up(lora_minilm):
     freezer = SafeFreezer(lora_minilm(), config, total_steps=48)  # W = 24: every 24 // 12 = 2 steps
     assert [s for s in range(1, 30) if freezer.is_due(s)] == list(range(2, 25, 2))
     assert freezer.strategy.smoothing == pytest.approx(0.5 ** (2 / (0.16 * 24)))
+
+
+def test_why_no_saving_names_the_unit_in_the_way_and_the_option(lora_minilm, trec_batch):
+    """Nothing frozen: the least important unit against the bar; frozen above the bottom: block 0's unit."""
+    model = lora_minilm()
+    _perturb_adapters(model)
+    config = SafeConfig(tau=0.001, schedule="constant", warmup_steps=4, score_every=2, smoothing=0.0)
+    freezer = SafeFreezer(model, config, probe=_probe(trec_batch))
+    assert freezer.why_no_saving() is None  # nothing measured yet
+    event = freezer.step(2)
+    assert event.frozen_now == ()
+    least = min(event.scores, key=event.scores.get)
+    assert event.scores[least] > 0.001
+    assert freezer.why_no_saving() == (
+        f"SAFE froze nothing: at its last measurement (step 2) the least important unit, {least}, scored "
+        f"{event.scores[least]:.3f} against a threshold of 0.001; "
+        f"set --tau above {event.scores[least]:.3f} to freeze it"
+    )
+    freezer.freeze(["block.3"], 3)  # units frozen, but not the bottom block: backward is as long
+    later = freezer.step(4)
+    line = freezer.why_no_saving()
+    assert line.startswith(
+        f"SAFE froze 1 of 6 units but not block.0 in the bottom block (score {later.scores['block.0']:.3f}"
+    )
+    assert "--policy resource" in line and "step 4" in line
+    freezer.freeze(["block.0"], 5)
+    assert freezer.why_no_saving() is None  # backward now stops above block 0
+
+
+def test_why_no_saving_blames_min_trainable_when_every_unit_is_kept(lora_minilm, trec_batch):
+    model = lora_minilm()
+    _perturb_adapters(model)
+    config = SafeConfig(tau=1.0, schedule="constant", warmup_steps=2, score_every=2, min_trainable=6)
+    freezer = SafeFreezer(model, config, probe=_probe(trec_batch))
+    assert freezer.step(2).frozen_now == ()
+    assert (
+        freezer.why_no_saving()
+        == "SAFE froze nothing: min_trainable=6 keeps all 6 units trainable; lower --min-trainable"
+    )
+
+
+def test_why_no_saving_is_silent_for_planned_baselines(lora_minilm):
+    """A baseline's plan is not SAFE's decision: no score, no threshold, nothing to explain."""
+    model = lora_minilm()
+    freezer = SafeFreezer(model, SafeConfig(), strategy=PlannedStrategy({2: ["block.4"]}, find_units(model)))
+    assert freezer.step(2).frozen_now == ("block.4",) and freezer.frozen_prefix() == 0
+    assert freezer.why_no_saving() is None
+
+
+def _hooks(model):
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+def test_a_watched_forward_scores_as_the_probe_does_without_a_forward_of_its_own(lora_minilm, trec_batch):
+    """Same batch, same mode: the training forward's features give the probe's importance, to the bit."""
+    model = lora_minilm()
+    _perturb_adapters(model)
+    probe = _probe(trec_batch)
+    config = SafeConfig(tau=0.0, warmup_steps=2, score_every=1, smoothing=0.0)
+    expected = SafeFreezer(model, SafeConfig(**{**config.to_dict(), "score_on": "probe"}), probe=probe).step(1)
+    calls = []
+    model.register_forward_pre_hook(lambda module, args: calls.append(1))
+    hooks = _hooks(model)
+    watched = SafeFreezer(model, config)  # no probe: every score comes from the forward it watches
+    watched.watch(1)
+    model.eval()  # the probe's mode (no dropout); with grad on, as in training
+    model(**probe)
+    assert _hooks(model) == hooks  # every module scored, the hooks removed themselves with the forward
+    event = watched.step(1)
+    assert len(calls) == 1  # the watched forward only: scoring ran none of its own
+    assert event.scores == expected.scores and event.scoring_seconds > 0
+    with pytest.raises(RuntimeError, match=r"call freezer.watch\(step\) before the step's forward"):
+        watched.step(2)  # due, not watched, no probe
+
+
+def test_watching_leaves_training_bit_identical(lora_minilm, trec_batch):
+    """The hooks only read: losses and every gradient equal those of the same step unwatched."""
+    batch = trec_batch(8)
+    runs = []
+    for watch in (False, True):
+        model = lora_minilm()
+        _perturb_adapters(model)
+        model.train()
+        freezer = SafeFreezer(model, SafeConfig(tau=0.0, warmup_steps=2, score_every=1))
+        if watch:
+            freezer.watch(1)
+        torch.manual_seed(0)  # the same dropout masks
+        loss = model(**batch).loss
+        loss.backward()
+        runs.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}))
+        if watch:
+            assert freezer.step(1).scores  # measured on that very forward
+    (loss_a, grads_a), (loss_b, grads_b) = runs
+    assert torch.equal(loss_a, loss_b) and grads_a.keys() == grads_b.keys()
+    assert all(torch.equal(grads_a[name], grads_b[name]) for name in grads_a)
+
+
+def test_frozen_units_are_not_measured_again(lora_minilm, trec_batch):
+    """A frozen unit keeps its last raw importance, however its adapter (e.g. merged) changes its output."""
+    model = lora_minilm()
+    _perturb_adapters(model)
+    probe = _probe(trec_batch)
+    freezer = SafeFreezer(model, SafeConfig(tau=0.0, warmup_steps=4, score_every=1, smoothing=0.0))
+    freezer.watch(1)
+    model(**probe)
+    freezer.step(1)
+    raw = freezer.strategy.state_dict()["raw"]
+    freezer.freeze(["block.0"], 1)
+    with torch.no_grad():
+        for unit in freezer.units:
+            for param in unit.parameters():
+                param.mul_(3)  # every adapter changes its output, block 0's too
+    freezer.watch(2)
+    model(**probe)
+    event = freezer.step(2)
+    later = freezer.strategy.state_dict()["raw"]
+    assert later["block.0"] == raw["block.0"]
+    assert all(later[name] != raw[name] for name in raw if name != "block.0")
+    assert event.scores["block.0"] == pytest.approx(raw["block.0"] / max(later.values()))
+
+
+def test_adapters_that_are_still_identities_decide_nothing(lora_minilm, trec_batch):
+    """LoRA's B starts at zero: its first forward changes no output, so every score is round-off; no freezing on it."""
+    model = lora_minilm()
+    freezer = SafeFreezer(model, SafeConfig(tau=1.0, schedule="constant", warmup_steps=4, score_every=1))
+    freezer.watch(1)
+    model(**_probe(trec_batch))
+    event = freezer.step(1)
+    assert (event.scores, event.frozen_now, freezer.frozen) == ({}, (), {})
+    assert all(points == [] for points in freezer.history.values())
+    _perturb_adapters(model)  # the adapters now change their outputs: the next measurement decides
+    freezer.watch(2)
+    model(**_probe(trec_batch))
+    assert len(freezer.step(2).frozen_now) == 5  # τ = 1 freezes all but min_trainable

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from safefreeze.core.config import ConfigError
+from safefreeze.core.config import ConfigError, SafeConfig
 from safefreeze.core.units import find_units
 from safefreeze.training.baselines import (
     FREEZEOUT_T0,
@@ -24,7 +24,7 @@ def _frozen_steps(report: dict) -> dict[str, int | None]:
 
 
 def test_random_follows_safe_counts_with_other_units(quick_train, tmp_path):
-    safe = quick_train("safe").report
+    safe = quick_train("safe", SafeConfig(tau=0.9, smoothing=0.0, warmup_steps=4, score_every=2)).report
     (tmp_path / "report.json").write_text(json.dumps(safe))
     counts = freeze_counts(safe)
     assert sum(counts.values()) >= 1, "the reference SAFE run must freeze something for this test to mean anything"

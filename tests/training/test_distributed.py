@@ -40,7 +40,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _rank(rank: int, world_size: int, port: int, directory: str, resume: str | None) -> None:
+def _rank(rank: int, world_size: int, port: int, directory: str, resume: str | None, score_on: str) -> None:
     """One DDP process: train STEPS steps of SAFE, keep what the test compares."""
     os.environ.update(
         RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
@@ -54,9 +54,10 @@ def _rank(rank: int, world_size: int, port: int, directory: str, resume: str | N
     transformers.logging.set_verbosity_error()
     train.evaluate = lambda *args, **kwargs: {}  # held-out scoring is not under test and costs the most
     # 8-token batches make every step's activation bytes comparable; with lr 1e-2 and tau 1 the top block
-    # is the one left trainable, so blocks 0-4 form a frozen prefix (seeded, deterministic on CPU).
+    # is the one left trainable: scored on the probe that is block 5, so blocks 0-4 form a frozen prefix
+    # (seeded, deterministic on CPU); scored on rank 0's own batches ("train") it may be another block.
     config = train.TrainConfig(max_steps=STEPS, batch_size=8, flops_every=1000, device="cpu", max_length=8, lr=1e-2)
-    safe = SafeConfig(tau=1.0, warmup_steps=WARMUP, score_every=2, probe_size=8)
+    safe = SafeConfig(tau=1.0, warmup_steps=WARMUP, score_every=2, probe_size=8, score_on=score_on)
     saving = checkpoint.Checkpoints(
         Path(directory) / "checkpoints",
         save_every=WARMUP,
@@ -72,8 +73,8 @@ def _rank(rank: int, world_size: int, port: int, directory: str, resume: str | N
     distributed.teardown()
 
 
-def _spawn(directory, resume=None) -> list[dict]:
-    mp.spawn(_rank, args=(2, _free_port(), str(directory), resume), nprocs=2, join=True)
+def _spawn(directory, resume=None, score_on="probe") -> list[dict]:
+    mp.spawn(_rank, args=(2, _free_port(), str(directory), resume, score_on), nprocs=2, join=True)
     return [torch.load(directory / f"rank{rank}.pt", weights_only=False) for rank in range(2)]
 
 
@@ -81,6 +82,18 @@ def _spawn(directory, resume=None) -> list[dict]:
 def two_ranks(tmp_path_factory):
     directory = tmp_path_factory.mktemp("ddp")
     return directory, _spawn(directory)
+
+
+def test_ranks_decide_alike_when_rank_0_scores_its_own_training_batch(tmp_path):
+    """Each rank sees other examples; the ranks must still freeze what rank 0 decided, at the same step."""
+    ranks = _spawn(tmp_path, score_on="train")
+    events = [r["events"] for r in ranks]
+    assert events[0] == events[1] and [e.step for e in events[0]] == [2, 4]
+    assert all(set(e.scores) == {f"block.{i}" for i in range(6)} for e in events[0])
+    assert events[0][-1].frozen_total == 5  # tau = 1: all but the top unit
+    for name, value in ranks[0]["adapter"].items():
+        assert torch.equal(value, ranks[1]["adapter"][name]), name
+    assert [s["loss"] for s in ranks[0]["report"]["steps"]] == [s["loss"] for s in ranks[1]["report"]["steps"]]
 
 
 def test_ranks_freeze_alike_and_end_with_the_same_adapter(two_ranks):

@@ -17,7 +17,9 @@ from safefreeze.training.train import TrainConfig, train
 
 # MiniLM/TREC, dropout on (LoRA's and BERT's own); tau 0.9 freezes blocks 0-4 at step 2 (the prefix grows to 5).
 RUN = {"max_steps": 6, "batch_size": 8, "max_length": 32, "flops_every": 100, "eval_examples": 8}
-SAFE = SafeConfig(tau=0.9, smoothing=0.0, warmup_steps=4, score_every=2)
+# Scored on a fixed probe, SAFE takes one decision here in every run: blocks 0-4 freeze at step 2 (a prefix of 5),
+# which is what the re-planning below is about.
+SAFE = SafeConfig(tau=0.9, smoothing=0.0, warmup_steps=4, score_every=2, score_on="probe")
 
 
 def _adapters(model) -> dict[str, torch.Tensor]:

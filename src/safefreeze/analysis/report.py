@@ -144,6 +144,8 @@ def render_run(report: dict) -> str:
             last = unit["scores"][-1][1] if unit["scores"] else None
             frozen = unit["frozen_at_step"] if unit["frozen_at_step"] is not None else "—"
             lines.append(f"| {unit['name']} | {frozen} | {_fmt(last, 1, 3)} |")
+    if s.get("why_no_saving"):
+        lines += ["", s["why_no_saving"]]
     return "\n".join(lines) + "\n"
 
 

@@ -23,6 +23,7 @@ from safefreeze.core.schedule import MEASUREMENTS, SCHEDULES, score_every_for, s
 
 GRANULARITIES = ("block", "module")
 IMPORTANCES = ("cka", "random")
+SCORE_ON = ("train", "probe")
 POLICIES = ("threshold", "resource")  # safefreeze.core.policy implements them
 AUTO = "auto"  # a value derived from the run (its warm-up length), see the resolve_* methods
 
@@ -54,13 +55,20 @@ class SafeConfig:
             f"warm-up / {MEASUREMENTS} steps, so any run length gets at least {MEASUREMENTS} measurements"
         },
     )
+    score_on: str = field(
+        default="train",
+        metadata={
+            "help": "what the units are scored on: 'train' (the training forward of each due step: no extra "
+            "forward) or 'probe' (a fixed batch of --probe-size examples, one eval forward per measurement)"
+        },
+    )
     probe_size: int = field(
         default=32,
-        metadata={"help": "number of fixed training examples the feature maps are measured on"},
+        metadata={"help": "score_on 'probe': number of fixed training examples the feature maps are measured on"},
     )
     probe_rows: int = field(
         default=1024,
-        metadata={"help": "at most this many token rows per module enter CKA (a fixed subset)"},
+        metadata={"help": "at most this many token rows per module enter CKA (a seeded subset)"},
     )
     granularity: str = field(
         default="block",
@@ -136,6 +144,7 @@ class SafeConfig:
             ("granularity", GRANULARITIES),
             ("schedule", SCHEDULES),
             ("importance", IMPORTANCES),
+            ("score_on", SCORE_ON),
             ("policy", POLICIES),
         ):
             if getattr(self, name) not in allowed:

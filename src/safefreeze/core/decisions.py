@@ -6,12 +6,19 @@ were measured, the bar they were compared with, the units chosen). It never free
 anything itself: freezing is the freezer's, one code path for every strategy.
 
 - ``ScoredStrategy`` is SAFE. At every ``score_every``-th step of the warm-up (and at its
-  last step) the probe batch is run in eval mode without grad (``scoring_mode``) and each unit gets importance
-  ``s_u = 1 − CKA(X, Y)`` (mean over its modules), normalised by the largest among units
-  and smoothed by an EMA over measurements (``s ← β·s_prev + (1 − β)·s``). Trainable units
-  below the threshold ``T(t)`` (schedule.py) are chosen by the policy (policy.py), keeping
-  at least ``min_trainable`` units trainable. A merged unit (merge.py) can no longer be
-  measured from the forward, so its raw importance stays at its last measurement.
+  last step) each unit still trainable gets importance ``s_u = 1 − CKA(X, Y)`` (mean over
+  its modules), normalised by the largest among units and smoothed by an EMA over
+  measurements (``s ← β·s_prev + (1 − β)·s``). Trainable units below the threshold ``T(t)``
+  (schedule.py) are chosen by the policy (policy.py), keeping at least ``min_trainable``
+  units trainable. A frozen unit is no longer measured: its raw importance stays at its
+  last measurement. A measurement whose top importance is round-off (``MEASURABLE``: the
+  adapters still compute the identity, as LoRA does before its first update) decides nothing.
+
+  X and Y come from the *training forward* of the due step when the loop lets the strategy
+  watch it (``watch`` before that forward): the features are there already, so a
+  measurement costs only the CKA, not a forward of its own. A loop that does not watch is
+  scored on the fixed ``probe`` batch instead, run in eval mode without grad
+  (``scoring_mode``). On the same batch in the same mode both give the same importance.
 - ``PlannedStrategy`` freezes the units of ``plan[t]`` at step ``t`` and measures nothing:
   the freezing baselines (training/baselines.py). Step 0 means before the first step.
 
@@ -21,7 +28,8 @@ reached by deciding can be handed to every rank with the decision.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import time
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -34,6 +42,10 @@ from safefreeze.core.quantization import scoring_mode
 from safefreeze.core.schedule import threshold
 from safefreeze.core.units import AdapterUnit, FeatureCapture
 
+# A top importance at or below this is float64 round-off of CKA on identical features (LoRA's B starts at zero, so
+# its first forward changes no output): normalising by it would rank noise, so such a measurement decides nothing.
+MEASURABLE = 1e-12
+
 
 @dataclass(frozen=True)
 class Decision:
@@ -42,6 +54,7 @@ class Decision:
     scores: dict[str, float]
     threshold: float | None
     chosen: tuple[str, ...]
+    seconds: float = 0.0  # what measuring the scores took (the CKA in a watched forward, or the probe forward)
 
 
 class DecisionStrategy(Protocol):
@@ -51,7 +64,9 @@ class DecisionStrategy(Protocol):
 
     def is_due(self, step: int) -> bool: ...
 
-    def decide(self, step: int, frozen: Mapping[str, int], merged: set[str]) -> Decision: ...
+    def watch(self, frozen: Mapping[str, int]) -> None: ...
+
+    def decide(self, step: int, frozen: Mapping[str, int]) -> Decision: ...
 
     def state_dict(self) -> dict: ...
 
@@ -65,8 +80,8 @@ class ScoredStrategy:
         model: the model the units live in (run in eval mode on the probe).
         config: the SAFE configuration.
         units: the units to score, ordered from the input upwards.
-        probe: a fixed batch (dict of tensors the model's forward takes); may hold
-            ``attention_mask`` to drop padding rows. Required for ``importance="cka"``.
+        probe: a fixed batch (dict of tensors the model's forward takes), scored on at a due
+            step that was not watched; may hold ``attention_mask`` to drop padding rows.
         total_steps: the run's optimizer steps, needed when ``warmup_ratio`` sets the warm-up.
     """
 
@@ -78,17 +93,16 @@ class ScoredStrategy:
         probe: dict[str, torch.Tensor] | None = None,
         total_steps: int | None = None,
     ) -> None:
-        if config.importance == "cka" and probe is None:
-            raise ValueError("SafeFreezer with importance='cka' needs a probe batch")
         self.model = model
         self.config = config
         self.units = units
         self.probe = probe
         self.warmup_steps = config.resolve_warmup(total_steps)
-        self._raw: dict[str, float] = {}  # last un-normalised importance, kept for merged units
+        self._raw: dict[str, float] = {}  # last un-normalised importance, kept for frozen units
         self._smoothed: dict[str, float] = {}
         self._generator = torch.Generator().manual_seed(config.seed)
         self._capture = FeatureCapture(units, config.probe_rows, config.seed)
+        self._watched = False  # whether the capture was armed for this step's training forward
 
     @property
     def score_every(self) -> int:
@@ -106,22 +120,39 @@ class ScoredStrategy:
             return False
         return step % self.score_every == 0 or step == self.warmup_steps
 
-    def decide(self, step: int, frozen: Mapping[str, int], merged: set[str]) -> Decision:
+    def watch(self, frozen: Mapping[str, int]) -> None:
+        """Score the units still trainable on the model's next forward: the training forward of a due step."""
+        if self.config.importance == "cka" and self.config.score_on == "train":
+            self._capture.units = [u for u in self.units if u.name not in frozen]
+            self._capture.start(model=self.model)
+            self._watched = True
+
+    def decide(self, step: int, frozen: Mapping[str, int]) -> Decision:
         """Score, take the bar ``T(step)``, and choose at most ``trainable − min_trainable`` units below it."""
-        scores = self.score(merged)
+        start, watched = time.perf_counter(), self._watched
+        scores = self.score(frozen)
+        seconds = time.perf_counter() - start + (self._capture.seconds if watched else 0.0)  # + the CKA in forward
         bar = threshold(step, self.warmup_steps, self.config.tau, self.config.schedule)
+        if not scores:
+            return Decision({}, bar, (), seconds)
         budget = max(0, sum(u.name not in frozen for u in self.units) - self.config.min_trainable)
         chosen = choose_units(self.units, frozen, scores, bar, budget, self.config.policy, self.config.resource_weight)
-        return Decision(scores, bar, tuple(chosen))
+        return Decision(scores, bar, tuple(chosen), seconds)
 
-    def score(self, merged: set[str] = frozenset()) -> dict[str, float]:
-        """Importance of every unit now, normalised so the top unit scores 1 (then smoothed)."""
+    def score(self, frozen: Collection[str] = frozenset()) -> dict[str, float]:
+        """Importance of every unit now, normalised so the top unit scores 1 (then smoothed).
+
+        Raises:
+            RuntimeError: ``importance="cka"``, the step was not watched and there is no probe.
+        """
         if self.config.importance == "random":
             raw = {u.name: float(torch.rand((), generator=self._generator)) for u in self.units}
         else:
-            raw = {**self._raw, **self._cka_importance(merged)}
-        self._raw = raw
+            raw = {**self._raw, **self._cka_importance(frozen)}
         top = max(raw.values())
+        if top <= MEASURABLE:
+            return dict(self._smoothed)  # no adapter has changed its output yet: there is no ranking to take
+        self._raw = raw
         normalised = {name: (value / top if top > 0 else 0.0) for name, value in raw.items()}
         beta = self.smoothing
         for name, value in normalised.items():
@@ -129,16 +160,29 @@ class ScoredStrategy:
             self._smoothed[name] = value if previous is None else beta * previous + (1 - beta) * value
         return dict(self._smoothed)
 
+    def _cka_importance(self, frozen: Collection[str]) -> dict[str, float]:
+        """1 − CKA per trainable unit: from the watched training forward if there was one, else on the probe."""
+        watched, self._watched = self._watched, False
+        self._capture.stop()
+        if watched and self._capture.module_scores:
+            return self._capture.unit_scores()
+        if self.probe is None:
+            raise RuntimeError(
+                "SAFE has nothing to score at this step: call freezer.watch(step) before the step's forward, "
+                "or give SafeFreezer a probe batch"
+            )
+        return self._probe_importance(frozen)
+
     @torch.no_grad()
-    def _cka_importance(self, merged: set[str]) -> dict[str, float]:
-        """1 − CKA per unmerged unit on the probe, in eval mode (4-bit base layers excepted: quantization.py)."""
+    def _probe_importance(self, frozen: Collection[str]) -> dict[str, float]:
+        """1 − CKA per trainable unit on the probe, in eval mode (4-bit base layers excepted: quantization.py)."""
         device = next(self.model.parameters()).device
         probe = {k: v.to(device) if torch.is_tensor(v) else v for k, v in self.probe.items()}
         input_ids = probe.get("input_ids")
         mask = probe.get("attention_mask")
         if mask is None:
             mask = torch.ones(input_ids.shape, dtype=torch.bool, device=device)
-        self._capture.units = [u for u in self.units if u.name not in merged]
+        self._capture.units = [u for u in self.units if u.name not in frozen]
         with scoring_mode(self.model), self._capture.recording(mask.bool()):
             self.model(**probe)
         return self._capture.unit_scores()
@@ -175,7 +219,10 @@ class PlannedStrategy:
     def is_due(self, step: int) -> bool:
         return step in self.plan
 
-    def decide(self, step: int, frozen: Mapping[str, int], merged: set[str]) -> Decision:
+    def watch(self, frozen: Mapping[str, int]) -> None:
+        """Nothing to measure."""
+
+    def decide(self, step: int, frozen: Mapping[str, int]) -> Decision:
         return Decision({}, None, tuple(name for name in self.plan.get(step, ()) if name not in frozen))
 
     def state_dict(self) -> dict:

@@ -1,14 +1,17 @@
 """``SafeFreezer``: the one freeze-event protocol — decide, freeze for real, record.
 
-It knows nothing about the training loop: the loop calls ``freezer.step(global_step)``
-after each optimizer step, so the same object serves the reference loop, the
-transformers ``Trainer`` callback, DDP and a user's own loop. A step that decides
-returns a ``FreezeEvent``; any other step returns None.
+It knows nothing about the training loop: the loop calls ``freezer.watch(global_step)``
+before each optimizer step's forward and ``freezer.step(global_step)`` after the step, so
+the same object serves the reference loop, the transformers ``Trainer`` callback, DDP and
+a user's own loop. A step that decides returns a ``FreezeEvent``; any other step returns
+None. ``watch`` lets a due step be scored on the features its own forward computes; a loop
+that skips it is scored on the probe batch (one extra forward per measurement).
 
-    is due? → strategy decides (scores, threshold, chosen units) → freeze → record → FreezeEvent
+    watch → forward, backward, update → is due? → strategy decides (scores, threshold,
+    chosen units) → freeze → record → FreezeEvent
 
 *Deciding* is a strategy composed into the freezer (decisions.py): SAFE's own
-(``ScoredStrategy``: importance ``1 − CKA`` on a probe, a cubic threshold, a policy) by
+(``ScoredStrategy``: importance ``1 − CKA`` of each adapter, a cubic threshold, a policy) by
 default, or a plan fixed before training (``PlannedStrategy``: the baselines). Under DDP
 the freezer is given ``decide_on=group.on_main``: rank 0 decides, the decision and the
 strategy's state are broadcast, and every rank freezes the same units at the same step.
@@ -23,7 +26,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import TypeVar
 
 import torch
@@ -49,7 +52,8 @@ class FreezeEvent:
     ``frozen_now`` may be empty (a measurement that froze nothing). ``frozen_prefix`` is the
     number of bottom blocks whose units are all frozen after it (backward stops above
     them); ``parameters_released`` counts the elements that stopped requiring grad and
-    ``optimizer_bytes_released`` the optimizer-state bytes freed at this event.
+    ``optimizer_bytes_released`` the optimizer-state bytes freed at this event;
+    ``scoring_seconds`` is what measuring its scores took (decisions.Decision.seconds).
     """
 
     step: int
@@ -60,6 +64,7 @@ class FreezeEvent:
     frozen_prefix: int
     parameters_released: int
     optimizer_bytes_released: int
+    scoring_seconds: float = field(default=0.0, compare=False)  # timing: no part of what was decided
 
 
 def release(unit: AdapterUnit, optimizer: torch.optim.Optimizer | None) -> tuple[int, int]:
@@ -103,8 +108,8 @@ class SafeFreezer:
         model: a PEFT model (adapters injected).
         config: the SAFE configuration (granularity and ``merge_frozen`` apply to every strategy).
         optimizer: optional; the state of frozen parameters is released from it.
-        probe: a fixed batch (dict of tensors the model's forward takes) scored on; it
-            may hold ``attention_mask`` to drop padding rows. Required for ``importance="cka"``.
+        probe: a fixed batch (dict of tensors the model's forward takes) scored on at a due step
+            that was not watched (``watch``); it may hold ``attention_mask`` to drop padding rows.
         total_steps: the run's optimizer steps, needed when ``warmup_ratio`` sets the warm-up.
         strategy: how to decide (decisions.py); default SAFE's ``ScoredStrategy`` from the above.
         decide_on: runs the decision and returns its result to every caller; under DDP
@@ -150,6 +155,16 @@ class SafeFreezer:
         """Whether optimizer step ``global_step`` (1-based) makes a decision."""
         return global_step >= 1 and len(self.frozen) < len(self.units) and self.strategy.is_due(global_step)
 
+    def watch(self, global_step: int) -> None:
+        """Call before the forward of optimizer step ``global_step``: a due step is scored on that forward.
+
+        The features SAFE compares are computed by the training forward anyway, so a watched
+        step costs only the CKA (decisions.py); with gradient accumulation the first
+        micro-batch is scored. A due step that was not watched is scored on the probe.
+        """
+        if self.is_due(global_step):
+            self.strategy.watch(self.frozen)
+
     def step(self, global_step: int) -> FreezeEvent | None:
         """Call after optimizer step ``global_step`` (1-based): the event it made, or None when not due."""
         return self._decide(global_step) if self.is_due(global_step) else None
@@ -162,7 +177,7 @@ class SafeFreezer:
         check_trainable(self.model)  # an evaluation on CPU may have broken a 4-bit model since the last event
 
         def decide() -> tuple[Decision, dict]:
-            return self.strategy.decide(step, self.frozen, self.merged), self.strategy.state_dict()
+            return self.strategy.decide(step, self.frozen), self.strategy.state_dict()
 
         decision, state = self.decide_on(decide)
         self.strategy.load_state_dict(state)  # every rank holds the state the deciding rank reached
@@ -182,6 +197,7 @@ class SafeFreezer:
             frozen_prefix=self.frozen_prefix(),
             parameters_released=sum(parameters for parameters, _ in released),
             optimizer_bytes_released=sum(state_bytes for _, state_bytes in released),
+            scoring_seconds=decision.seconds,
         )
         self.events.append(event)
         return event
@@ -234,6 +250,44 @@ class SafeFreezer:
                     "every block above it, so freezing adapters cannot shorten backward; freeze it or make it a unit"
                 )
         return problems
+
+    def why_no_saving(self) -> str | None:
+        """One line on why the decisions so far shorten no backward pass, and what would change that.
+
+        None when a bottom block is frozen (backward stops above it), or when nothing was scored
+        (a planned baseline). Otherwise the line names the unit that stands in the way at the last
+        measurement — the least important one when nothing froze, the bottom block's when units
+        froze elsewhere — with its score against the threshold, and the option that moves it (named
+        as on the command line; ``SafeConfig`` has the same fields).
+        """
+        if self.frozen_prefix() > 0:
+            return None
+        scored = [event for event in self.events if event.threshold is not None and event.scores]
+        if not scored:
+            return None
+        last = scored[-1]
+        bar, trainable = last.threshold, self.trainable_units
+        if not self.frozen:
+            name = min((u.name for u in trainable), key=last.scores.__getitem__)
+            score = last.scores[name]
+            if score < bar:
+                return (
+                    f"SAFE froze nothing: min_trainable={self.config.min_trainable} keeps all {len(self.units)} "
+                    "units trainable; lower --min-trainable"
+                )
+            return (
+                f"SAFE froze nothing: at its last measurement (step {last.step}) the least important unit, {name}, "
+                f"scored {score:.3f} against a threshold of {bar:.3f}; set --tau above {score:.3f} to freeze it"
+            )
+        bottom = min(u.block for u in trainable)
+        name = max((u.name for u in trainable if u.block == bottom), key=last.scores.__getitem__)
+        score = last.scores[name]
+        return (
+            f"SAFE froze {len(self.frozen)} of {len(self.units)} units but not {name} in the bottom block (score "
+            f"{score:.3f} against a threshold of {bar:.3f} at step {last.step}), so backward is no shorter and no "
+            f"activation memory is saved; --policy resource favours freezing from the bottom, or set --tau above "
+            f"{score:.3f}"
+        )
 
     # -- persistence ------------------------------------------------------------------
     def state_dict(self) -> dict:

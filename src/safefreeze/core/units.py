@@ -16,6 +16,7 @@ Token rows that are padding are dropped before CKA.
 from __future__ import annotations
 
 import re
+import time
 from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -113,66 +114,105 @@ def find_blocks(model: nn.Module) -> dict[int, nn.Module]:
 class FeatureCapture:
     """Measures 1 − CKA between the base and adapted outputs of every adapter module.
 
-    Use as ``with capture.recording(row_mask): model(**probe)``. Forward hooks on each
-    adapter's ``base_layer`` (X) and on the adapter itself (Y) see the same call; the
-    score is computed there and then, so no feature map outlives its module's forward.
-    ``row_mask`` (``[batch, seq]``, True for real tokens) drops padding; at most
-    ``max_rows`` rows (a fixed seeded subset) enter CKA.
+    ``start(row_mask)`` hooks each adapter's ``base_layer`` (X) and the adapter itself (Y);
+    the next forward scores every module once, at its first call, there and then, so no
+    feature map outlives its module's forward; once every module is scored the hooks remove
+    themselves, so a checkpointed block's recomputation in backward, the next micro-batch or
+    another rank's unused capture costs nothing. ``stop()`` removes them earlier. ``row_mask`` (``[batch, seq]``,
+    True for real tokens) drops padding; given ``model`` instead, the mask is read from the
+    ``attention_mask`` of that model's next call (all rows when it has none): that is how a
+    training forward is watched. At most ``max_rows`` rows (a seeded subset) enter CKA.
+    ``seconds`` is the time the hooks spent scoring since ``start``.
     """
 
     def __init__(self, units: list[AdapterUnit], max_rows: int = 1024, seed: int = 0) -> None:
         self.units = units
         self.max_rows = max_rows
         self.seed = seed
+        self.seconds = 0.0
+        self._mask: torch.Tensor | None = None
         self._rows: torch.Tensor | None = None
         self._base_out: dict[str, torch.Tensor] = {}
-        self.module_scores: dict[str, list[float]] = defaultdict(list)
+        self._handles: list = []
+        self.module_scores: dict[str, float] = {}
+
+    def start(self, row_mask: torch.Tensor | None = None, model: nn.Module | None = None) -> None:
+        """Hook the units for the next forward: rows from ``row_mask``, or from ``model``'s next attention mask."""
+        self.stop()
+        self.module_scores = {}
+        self.seconds = 0.0
+        self._mask = row_mask
+        if model is not None:
+            self._handles.append(model.register_forward_pre_hook(self._read_mask, with_kwargs=True))
+        for unit in self.units:
+            for name, module in unit.modules.items():
+                self._handles.append(module.base_layer.register_forward_hook(self._keep_base(name)))
+                self._handles.append(module.register_forward_hook(self._score(name)))
+
+    def stop(self) -> None:
+        """Remove the hooks (the scores taken so far stay in ``module_scores``)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self._base_out.clear()
+        self._mask = self._rows = None
 
     @contextmanager
     def recording(self, row_mask: torch.Tensor) -> Iterator[FeatureCapture]:
-        rows = row_mask.reshape(-1).nonzero().squeeze(1)
-        if rows.numel() > self.max_rows:
-            generator = torch.Generator().manual_seed(self.seed)
-            rows = rows[
-                torch.randperm(rows.numel(), generator=generator)[: self.max_rows].sort().values.to(rows.device)
-            ]
-        self._rows = rows
-        self.module_scores.clear()
-        handles = []
-        for unit in self.units:
-            for name, module in unit.modules.items():
-                handles.append(module.base_layer.register_forward_hook(self._keep_base(name)))
-                handles.append(module.register_forward_hook(self._score(name)))
+        """``with capture.recording(row_mask): model(**batch)``: score the units on that one forward."""
+        self.start(row_mask)
         try:
             yield self
         finally:
-            for handle in handles:
-                handle.remove()
-            self._base_out.clear()
-            self._rows = None
+            self.stop()
+
+    def _read_mask(self, module, args, kwargs):
+        if self._rows is None and self._mask is None:
+            self._mask = kwargs.get("attention_mask")
 
     def _flat_rows(self, output: torch.Tensor) -> torch.Tensor:
-        return output.reshape(-1, output.shape[-1])[self._rows]
+        flat = output.detach().reshape(-1, output.shape[-1])
+        if self._rows is None:
+            mask = self._mask if self._mask is not None else torch.ones(len(flat), dtype=torch.bool)
+            real = mask.reshape(-1).bool()
+            rows = real.nonzero().squeeze(1)
+            if rows.numel() > self.max_rows:
+                generator = torch.Generator().manual_seed(self.seed)
+                chosen = torch.randperm(rows.numel(), generator=generator)[: self.max_rows].sort().values
+                rows = rows[chosen.to(rows.device)]
+            self._rows = rows.to(flat.device)
+        return flat[self._rows]
 
     def _keep_base(self, name: str):
         def hook(module, args, output):
-            self._base_out[name] = self._flat_rows(output)
+            if name not in self.module_scores:
+                self._base_out[name] = self._flat_rows(output)
 
         return hook
 
     def _score(self, name: str):
         def hook(module, args, output):
+            if name in self.module_scores or name not in self._base_out:
+                return
+            start = time.perf_counter()
             x = self._base_out.pop(name)
-            self.module_scores[name].append(max(0.0, 1.0 - linear_cka(x, self._flat_rows(output))))
+            self.module_scores[name] = max(0.0, 1.0 - linear_cka(x, self._flat_rows(output)))
+            self.seconds += time.perf_counter() - start
+            if len(self.module_scores) == sum(len(unit.modules) for unit in self.units):
+                self.stop()  # every module scored: later forwards (and recomputation in backward) run unhooked
 
         return hook
 
     def unit_scores(self) -> dict[str, float]:
-        """Importance of each unit: mean over its modules (and calls) of 1 − CKA."""
+        """Importance of each unit: mean over its modules of 1 − CKA.
+
+        Raises:
+            RuntimeError: a unit was not called by the forward that was recorded.
+        """
         scores = {}
         for unit in self.units:
-            values = [s for name in unit.modules for s in self.module_scores[name]]
-            if not values:
-                raise RuntimeError(f"unit {unit.name} was not called during the probe forward pass")
+            values = [self.module_scores[name] for name in unit.modules if name in self.module_scores]
+            if len(values) < len(unit.modules):
+                raise RuntimeError(f"unit {unit.name} was not called during the forward pass SAFE scored")
             scores[unit.name] = sum(values) / len(values)
         return scores

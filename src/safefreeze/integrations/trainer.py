@@ -6,10 +6,12 @@
 The callback attaches through what transformers hands every callback, nothing else:
 ``on_train_begin`` receives the model, the optimizer and the train dataloader and builds a
 ``SafeFreezer`` (the component the reference loop uses) with that optimizer, so freezing
-releases AdamW state there; a probe of ``probe_size`` training examples drawn (seeded)
-from the dataloader's dataset and collated by its collator (probe.py); and
-``state.max_steps`` as the run length. ``on_step_end`` calls ``freezer.step(global_step)``
-after every optimizer step and gets a ``FreezeEvent`` on the steps that decide.
+releases AdamW state there, and ``state.max_steps`` as the run length. ``on_step_begin``
+calls ``freezer.watch(step)`` so that a due step is scored on its own training forward
+(the first micro-batch); ``on_step_end`` calls ``freezer.step(global_step)`` after every
+optimizer step and gets a ``FreezeEvent`` on the steps that decide. With
+``score_on="probe"`` a probe of ``probe_size`` training examples is drawn (seeded) from
+the dataloader's dataset and collated by its collator (probe.py) and scored instead.
 
 Logging: a callback cannot start a log record of its own without losing the Trainer's
 (the callback handler's ``on_log`` resets ``control.should_log``), so SAFE's values from
@@ -122,9 +124,9 @@ def _decide_on(fn):
 
 
 def is_sharded(model: nn.Module) -> bool:
-    """Whether FSDP shards ``model``: then its probe forward all-gathers the weights, a collective every rank must
-    join, so every rank scores (rank 0 scoring alone would wait forever); the ranks score the same probe on the
-    same weights and decide alike."""
+    """Whether FSDP shards ``model``: then a probe forward all-gathers the weights, a collective every rank must
+    join, so every rank scores the probe (rank 0 scoring alone would wait forever); the ranks score the same probe
+    on the same weights and decide alike. A watched training forward needs no collective of its own."""
     kinds = tuple(getattr(fsdp, name) for name in ("FSDPModule", "FullyShardedDataParallel") if hasattr(fsdp, name))
     return any(isinstance(module, kinds) for module in model.modules())
 
@@ -196,13 +198,9 @@ class SafeCallback(TrainerCallback, ExportableState):
         change = take_over_checkpointing(model)
         if change:
             logger.warning("SAFE: %s", change)
-        dataset = train_dataloader.dataset
-        order = None
-        if isinstance(dataset, Sized) and hasattr(dataset, "__getitem__"):
-            generator = torch.Generator().manual_seed(self.config.seed)
-            order = torch.randperm(len(dataset), generator=generator).tolist()
-        probe = draw_probe(dataset, train_dataloader.collate_fn, self.config.probe_size, order)
-        decide = {} if is_sharded(model) else {"decide_on": _decide_on}  # {}: every rank decides
+        probe = self._probe(train_dataloader) if self.config.score_on == "probe" else None
+        # A probe forward under FSDP is a collective: every rank scores it (the same batch) and decides alike.
+        decide = {} if probe is not None and is_sharded(model) else {"decide_on": _decide_on}
         self.freezer = SafeFreezer(model, self.config, optimizer, probe=probe, total_steps=state.max_steps, **decide)
         save_state_with_model(model, self.freezer)
         saved = (state.stateful_callbacks or {}).get(type(self).__name__)
@@ -219,6 +217,19 @@ class SafeCallback(TrainerCallback, ExportableState):
         if self._log_plan:
             self._unlogged.update(self._plan_logs())
 
+    def _probe(self, train_dataloader) -> dict[str, torch.Tensor]:
+        """``probe_size`` examples of the train dataset in a seeded order, collated by the run's collator."""
+        dataset = train_dataloader.dataset
+        order = None
+        if isinstance(dataset, Sized) and hasattr(dataset, "__getitem__"):
+            generator = torch.Generator().manual_seed(self.config.seed)
+            order = torch.randperm(len(dataset), generator=generator).tolist()
+        return draw_probe(dataset, train_dataloader.collate_fn, self.config.probe_size, order)
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if self.freezer is not None:
+            self.freezer.watch(state.global_step + 1)  # the step about to run
+
     def on_step_end(self, args, state, control, **kwargs):
         event = self.freezer.step(state.global_step) if self.freezer is not None else None
         if event is None:
@@ -229,6 +240,12 @@ class SafeCallback(TrainerCallback, ExportableState):
         self.plan.follow(self.freezer.model, event)
         if self._log_plan:
             self._unlogged.update(self._plan_logs())
+
+    def on_train_end(self, args, state, control, **kwargs):
+        """Say in one line when the run's freezing shortened no backward pass (``SafeFreezer.why_no_saving``)."""
+        why = self.freezer.why_no_saving() if self.freezer is not None else None
+        if why and state.is_world_process_zero:
+            logger.warning("%s", why)
 
     def _plan_logs(self) -> dict[str, float]:
         """The checkpointing plan's log values: blocks checkpointed above the frozen prefix, the planned peak."""

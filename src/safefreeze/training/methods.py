@@ -39,10 +39,11 @@ StrategyFactory = Callable[
 
 
 def scored_strategy(config, safe: SafeConfig, model: nn.Module, total_steps: int, probe) -> ScoredStrategy:
-    """SAFE: score the units on the probe batch during a warm-up that fits in the run."""
+    """SAFE: score the units during a warm-up that fits in the run (the probe is drawn only to score on it)."""
     if safe.warmup_steps is not None and safe.warmup_steps > total_steps:
         raise ConfigError(f"warm-up of {safe.warmup_steps} steps is longer than the {total_steps} training steps")
-    return ScoredStrategy(model, safe, find_units(model, safe.granularity), probe(), total_steps)
+    probe_batch = probe() if safe.score_on == "probe" else None
+    return ScoredStrategy(model, safe, find_units(model, safe.granularity), probe_batch, total_steps)
 
 
 def planned_strategy(config, safe: SafeConfig, model: nn.Module, total_steps: int, probe) -> PlannedStrategy:

@@ -250,6 +250,8 @@ def step(run: Run, indices: list[int], batch: dict[str, torch.Tensor], stop_requ
     counter = accounting.flop_counter(sample_flops)
     activation_bytes = activation_peak_bytes = 0
     loss = 0.0
+    if run.freezer is not None:
+        run.freezer.watch(number)  # a due step is scored on this step's own forward (its first micro-batch)
     with accounting.record_memory_peaks(run.device) as peaks:
         with counter:
             for part, part_batch, weight in micro_batches(run, indices, batch):
@@ -341,9 +343,8 @@ def decide(run: Run, number: int) -> float | None:
     something (DDP's reducer must forget the frozen parameters)."""
     if run.freezer is None or not run.freezer.is_due(number):
         return None
-    start = accounting.now(run.device)
     event = run.freezer.step(number)
-    run.progress.scoring_seconds += accounting.now(run.device) - start
+    run.progress.scoring_seconds += event.scoring_seconds
     run.plan.follow(run.model, event)
     if not event.frozen_now or run.group.world_size == 1:
         return None
@@ -552,6 +553,7 @@ def build_report(run: Run, evaluation: dict[str, float]) -> dict:
             "flops_per_step_mean": sum(flops) / len(flops) if flops else None,
             "seconds_per_step_mean": sum(seconds) / len(seconds) if seconds else None,
             "frozen_units": len(freezer.frozen) if freezer else 0,
+            "why_no_saving": freezer.why_no_saving() if freezer else None,
             "total_units": len(run.units),
             "trainable_parameters_end": accounting.trainable_parameters(model),
             "optimizer_state_bytes_end": accounting.optimizer_state_bytes(run.optimizer),
