@@ -62,7 +62,9 @@ def smollm2_check(device: str) -> bool:
         return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None}
 
     before = gradients()
-    freezer = SafeFreezer(model, SafeConfig(tau=0.0, warmup_steps=2, score_every=1), probe=dict(batch))
+    freezer = SafeFreezer(
+        model, SafeConfig(tau=0.0, warmup_steps=2, score_every=1, score_on="probe"), probe=dict(batch)
+    )
     freezer.step(1)
     after = gradients()
     same = before.keys() == after.keys() and all(torch.equal(before[n], after[n]) for n in before)

@@ -7,8 +7,8 @@ here is the single-process identity, so the reference loop has one code path.
 How DDP and freezing are reconciled:
 
 - **Same decision everywhere.** The freezer decides through ``Group.on_main``
-  (``SafeFreezer(..., decide_on=group.on_main)``): rank 0 scores the units on the probe
-  and chooses, the decision and the strategy's state are broadcast, and every rank
+  (``SafeFreezer(..., decide_on=group.on_main)``): rank 0 scores the units on its own
+  training batch (or the probe) and chooses, the decision and the strategy's state are broadcast, and every rank
   freezes the same units at the same step.
 - **DDP after a freeze.** DDP's reducer is built for the parameters that require grad
   when it is constructed and waits for all of their gradients in every backward; a
