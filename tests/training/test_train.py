@@ -15,11 +15,15 @@ def _adapter_state(model):
     return {k: v.clone() for k, v in model.state_dict().items() if "lora_" in k or "classifier" in k}
 
 
-def test_safe_without_freezing_trains_bit_identically_to_lora():
-    # τ = 0 never freezes; scoring runs in eval mode without grad and must not disturb training (RNG, modes).
+@pytest.mark.parametrize(("score_on", "measured"), [("train", 4), ("probe", 5)])
+def test_safe_without_freezing_trains_bit_identically_to_lora(score_on, measured):
+    # τ = 0 never freezes; neither the hooks in the watched training forward nor the probe's eval forward may disturb
+    # training (RNG, modes, graph). Watched, step 1 runs before any update: LoRA is still the identity, no score.
     lora = train(TrainConfig(method="lora", **FAST), progress=False)
-    safe = train(TrainConfig(method="safe", **FAST), SafeConfig(tau=0.0, warmup_steps=5, score_every=1), progress=False)
-    assert all(len(u["scores"]) == 5 for u in safe.report["units"]) and safe.report["summary"]["frozen_units"] == 0
+    config = SafeConfig(tau=0.0, warmup_steps=5, score_every=1, score_on=score_on)
+    safe = train(TrainConfig(method="safe", **FAST), config, progress=False)
+    assert all(len(u["scores"]) == measured for u in safe.report["units"])
+    assert safe.report["summary"]["frozen_units"] == 0
     a, b = _adapter_state(lora.model), _adapter_state(safe.model)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert [s["loss"] for s in lora.report["steps"]] == [s["loss"] for s in safe.report["steps"]]
