@@ -32,6 +32,24 @@ def test_threshold_policy_freezes_everything_below_the_bar_lowest_first():
     assert chosen == ["block.5", "block.3"]
 
 
+def test_prefix_policy_freezes_bottom_up_and_stops_at_the_first_unit_above_the_bar():
+    scores = {**CASE_SCORES, "block.6": 1.0}
+    # T = 0.5: block.0 (0.45) and, past the frozen blocks 1-2, block.3 (0.30) extend the prefix; block.4 (0.9)
+    # stops the pass, so block.5 (0.25), below the bar but above a trainable block, stays trainable.
+    chosen = choose_units(_units(7), CASE_FROZEN, scores, 0.5, budget=6, policy="prefix")
+    assert chosen == ["block.0", "block.3"] and frozen_prefix(_units(7), CASE_FROZEN | set(chosen)) == 4
+    assert choose_units(_units(7), CASE_FROZEN, scores, 0.4, budget=6, policy="prefix") == []  # block.0 at 0.45
+    assert choose_units(_units(7), CASE_FROZEN, scores, 0.5, budget=1, policy="prefix") == ["block.0"]
+    # Module granularity: a block's first module above the bar stops the pass inside that block.
+    modules = {"block.0.m0": 0.1, "block.0.m1": 0.2, "block.1.m0": 0.1, "block.1.m1": 0.9, "block.2.m0": 0.1}
+    modules["block.2.m1"] = 0.1
+    assert choose_units(_units(3, 2), set(), modules, 0.5, budget=6, policy="prefix") == [
+        "block.0.m0",
+        "block.0.m1",
+        "block.1.m0",
+    ]
+
+
 def test_resource_policy_chooses_as_documented_on_a_constructed_case():
     scores = {**CASE_SCORES, "block.6": 1.0}
     chosen = choose_units(_units(7), CASE_FROZEN, scores, 0.4, budget=4, policy="resource", resource_weight=0.5)

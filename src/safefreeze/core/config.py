@@ -24,7 +24,7 @@ from safefreeze.core.schedule import MEASUREMENTS, SCHEDULES, score_every_for, s
 GRANULARITIES = ("block", "module")
 IMPORTANCES = ("cka", "random")
 SCORE_ON = ("train", "probe")
-POLICIES = ("threshold", "resource")  # safefreeze.core.policy implements them
+POLICIES = ("threshold", "resource", "prefix")  # safefreeze.core.policy implements them
 AUTO = "auto"  # a value derived from the run (its warm-up length), see the resolve_* methods
 
 
@@ -109,7 +109,10 @@ class SafeConfig:
     )
     policy: str = field(
         default="threshold",
-        metadata={"help": "which units freeze: 'threshold' (paper) or 'resource' (favour extending the frozen prefix)"},
+        metadata={
+            "help": "which units freeze: 'threshold' (paper), 'resource' (favour extending the frozen prefix) or "
+            "'prefix' (bottom-up only: stop at the first unit above the threshold)"
+        },
     )
     resource_weight: float = field(
         default=0.5,

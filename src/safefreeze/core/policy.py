@@ -26,6 +26,12 @@ trainable units with ``s_u < b_u`` the one with the smallest ``s_u / b_u`` is fr
 bars are recomputed (the next block may now extend the prefix), and this repeats until no
 unit is below its bar or ``budget`` units are frozen. With λ = 0 every bar is ``T`` and the
 policy freezes exactly what ``threshold`` freezes.
+
+``prefix`` (ours, beyond the paper): freeze bottom-up only. Going up from the lowest trainable
+unit, each unit below ``T(t)`` freezes; the first one that is not stops the pass. Only a frozen
+prefix shortens backward, and on decoders the least useful adapters are spread over the bottom
+and middle blocks (BENCHMARKS.md, "Run length and decoders"), so ``threshold`` makes holes that
+save nothing but optimizer state; ``prefix`` freezes fewer units, all of them where they save.
 """
 
 from __future__ import annotations
@@ -64,6 +70,13 @@ def choose_units(
     if policy == "threshold":
         below = sorted((scores[name], name) for name in trainable if scores[name] < bar)
         return [name for _, name in below[:budget]]
+    if policy == "prefix":
+        chosen = []
+        for name in trainable:  # units are ordered from the input upwards
+            if len(chosen) == budget or scores[name] >= bar:
+                break
+            chosen.append(name)
+        return chosen
     if policy != "resource":
         raise ValueError(f"unknown policy {policy!r}; choose one of {', '.join(POLICIES)}")
     now_frozen = set(frozen)
