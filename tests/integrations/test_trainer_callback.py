@@ -144,6 +144,20 @@ def test_report_to_integrations_are_told_where_safe_values_go(
     assert "report_to integrations (tensorboard) run before SafeCallback" in caplog.text
 
 
+def test_a_run_that_froze_no_bottom_block_says_why_at_train_end(
+    lora_classifier, classifier_trainer, trec_examples, tmp_path, caplog
+):
+    """CKA scored on the watched training forwards, τ far too low: nothing freezes and the warning names τ."""
+    safe = SafeCallback(SafeConfig(tau=1e-6, warmup_steps=4, score_every=2))
+    trainer = classifier_trainer(lora_classifier(), trec_examples[:48], tmp_path, [safe])
+    with caplog.at_level("WARNING", logger="safefreeze.integrations.trainer"):
+        trainer.train()
+    assert [e.step for e in safe.freezer.events] == [2, 4] and not safe.freezer.frozen
+    assert all(len(e.scores) == 6 and e.scoring_seconds > 0 for e in safe.freezer.events)
+    assert safe.freezer.why_no_saving() in caplog.text
+    assert "SAFE froze nothing: at its last measurement (step 4)" in caplog.text and "set --tau above" in caplog.text
+
+
 def test_save_model_writes_safe_state_beside_the_adapter(trained):
     freezer = trained["safe"].freezer
     final = trained["out"] / "final"
