@@ -1,9 +1,11 @@
 """SafeFreezer under PyTorch FSDP2 (``fully_shard``): 2 gloo processes on CPU, a user's own loop.
 
-Every parameter is a DTensor shard; the probe forward that scores units all-gathers them,
-so it is a collective and every rank runs it (no ``decide_on``): the ranks score the same
-probe on the same weights, get the same scores and freeze the same units at the same
-step. A frozen unit's shards never change again, on either rank. (Accelerate's FSDP needs
+Every parameter is a DTensor shard. Scored on the probe, the forward that scores units
+all-gathers them, so it is a collective and every rank runs it (no ``decide_on``): the ranks
+score the same probe on the same weights, get the same scores and freeze the same units at
+the same step. Scored on the watched training forward, each rank sees its own batch, so
+rank 0 decides and hands its decision to every rank (``decide_on=Group.on_main``), as under
+DDP. Either way a frozen unit's shards never change again, on either rank. (Accelerate's FSDP needs
 an accelerator: on CPU the Trainer falls back to DDP, so this is the FSDP that runs here.)
 """
 
@@ -12,6 +14,7 @@ from __future__ import annotations
 import os
 import socket
 
+import pytest
 import torch
 import torch.multiprocessing as mp
 
@@ -24,7 +27,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _rank(rank: int, port: int, directory: str) -> None:
+def _rank(rank: int, port: int, directory: str, score_on: str) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo")
@@ -34,6 +37,7 @@ def _rank(rank: int, port: int, directory: str) -> None:
 
     from safefreeze.core.config import SafeConfig
     from safefreeze.core.freezer import SafeFreezer
+    from safefreeze.training.distributed import Group
 
     torch.manual_seed(0)
     config = LlamaConfig(
@@ -47,12 +51,16 @@ def _rank(rank: int, port: int, directory: str) -> None:
     fully_shard(model)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     probe = {"input_ids": torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(99))}
-    safe = SafeConfig(tau=1.0, warmup_steps=4, score_every=2, smoothing=0.0)
-    freezer = SafeFreezer(model, safe, optimizer, probe=probe)
+    safe = SafeConfig(tau=1.0, warmup_steps=4, score_every=2, smoothing=0.0, score_on=score_on)
+    if score_on == "probe":
+        freezer = SafeFreezer(model, safe, optimizer, probe=probe)
+    else:
+        freezer = SafeFreezer(model, safe, optimizer, decide_on=Group(rank, 2).on_main)
     data = torch.Generator().manual_seed(rank)  # each rank its own batches, as a sampler shards them
     shards = {}
     for step in range(1, STEPS + 1):
         batch = torch.randint(0, 128, (4, 16), generator=data)
+        freezer.watch(step)  # a no-op when scoring on the probe
         model(input_ids=batch, labels=batch).loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -75,8 +83,9 @@ def _rank(rank: int, port: int, directory: str) -> None:
     torch.distributed.destroy_process_group()
 
 
-def test_every_rank_scores_and_freezes_alike_under_fsdp2(tmp_path):
-    mp.spawn(_rank, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+@pytest.mark.parametrize("score_on", ["probe", "train"])
+def test_every_rank_freezes_alike_under_fsdp2(tmp_path, score_on):
+    mp.spawn(_rank, args=(_free_port(), str(tmp_path), score_on), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=False) for rank in range(2)]
     assert ranks[0]["sharded"] and ranks[1]["sharded"]
     assert ranks[0]["events"] == ranks[1]["events"]  # same scores, same decisions, same steps
