@@ -153,7 +153,7 @@ class ScoredStrategy:
         if top <= MEASURABLE:
             return dict(self._smoothed)  # no adapter has changed its output yet: there is no ranking to take
         self._raw = raw
-        normalised = {name: (value / top if top > 0 else 0.0) for name, value in raw.items()}
+        normalised = {name: value / top for name, value in raw.items()}
         beta = self.smoothing
         for name, value in normalised.items():
             previous = self._smoothed.get(name)
