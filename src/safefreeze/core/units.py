@@ -118,8 +118,9 @@ class FeatureCapture:
     the next forward scores every module once, at its first call, there and then, so no
     feature map outlives its module's forward; once every module is scored the hooks remove
     themselves, so a checkpointed block's recomputation in backward, the next micro-batch or
-    another rank's unused capture costs nothing. ``stop()`` removes them earlier. ``row_mask`` (``[batch, seq]``,
-    True for real tokens) drops padding; given ``model`` instead, the mask is read from the
+    another rank's unused capture costs nothing. ``stop()`` removes them earlier.
+    ``row_mask`` (``[batch, seq]``, True for real tokens) drops padding; given ``model``
+    instead, the mask is read from the
     ``attention_mask`` of that model's next call (all rows when it has none): that is how a
     training forward is watched. At most ``max_rows`` rows (a seeded subset) enter CKA.
     ``seconds`` is the time the hooks spent scoring since ``start``.
@@ -134,6 +135,7 @@ class FeatureCapture:
         self._rows: torch.Tensor | None = None
         self._base_out: dict[str, torch.Tensor] = {}
         self._handles: list = []
+        self._modules = 0  # adapter modules hooked by ``start``: when all are scored, the hooks go
         self.module_scores: dict[str, float] = {}
 
     def start(self, row_mask: torch.Tensor | None = None, model: nn.Module | None = None) -> None:
@@ -142,6 +144,7 @@ class FeatureCapture:
         self.module_scores = {}
         self.seconds = 0.0
         self._mask = row_mask
+        self._modules = sum(len(unit.modules) for unit in self.units)
         if model is not None:
             self._handles.append(model.register_forward_pre_hook(self._read_mask, with_kwargs=True))
         for unit in self.units:
@@ -198,7 +201,7 @@ class FeatureCapture:
             x = self._base_out.pop(name)
             self.module_scores[name] = max(0.0, 1.0 - linear_cka(x, self._flat_rows(output)))
             self.seconds += time.perf_counter() - start
-            if len(self.module_scores) == sum(len(unit.modules) for unit in self.units):
+            if len(self.module_scores) == self._modules:
                 self.stop()  # every module scored: later forwards (and recomputation in backward) run unhooked
 
         return hook
