@@ -30,7 +30,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from safefreeze.core.config import SafeConfig  # noqa: E402
-from safefreeze.training.train import TrainConfig, train  # noqa: E402
+from safefreeze.training.train import TrainConfig, run_identity, train  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "run_lengths"
 
@@ -52,13 +52,22 @@ def parse_setting(text: str) -> dict:
 
 
 def run(directory: Path, config: TrainConfig, safe: SafeConfig) -> dict:
-    """A run's report, trained now or read from ``directory/report.json``."""
+    """A run's report, trained now or read from ``directory/report.json`` if that run had this configuration.
+
+    Raises:
+        SystemExit: the kept report was trained with another configuration (e.g. "defaults" before a
+            default changed): delete it or choose another ``--tag``.
+    """
     path = directory / "report.json"
     if not path.exists():
         report = train(config, safe, progress=False).report
         directory.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(report))
-    return json.loads(path.read_text())
+    report = json.loads(path.read_text())
+    wanted = json.loads(json.dumps(run_identity(config, safe)))
+    if {key: report[key] for key in wanted} != wanted:
+        raise SystemExit(f"{path} was trained with another configuration; delete it or choose another --tag")
+    return report
 
 
 def frozen_prefix(report: dict) -> int:

@@ -53,6 +53,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--tau", type=float, default=None, help="SAFE's final freezing threshold (default: SafeConfig's)"
     )
+    parser.add_argument(
+        "--policy", default=None, help="which units SAFE freezes (default: SafeConfig's, prefix on a decoder)"
+    )
     parser.add_argument("--no-safe", action="store_true", help="train plain LoRA, without the callback")
     return parser.parse_args(argv)
 
@@ -92,7 +95,7 @@ def run(args: argparse.Namespace) -> SFTTrainer:
         model_init_kwargs={"quantization_config": quantization} if quantization else None,
     )
     lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
-    safe = SafeConfig() if args.tau is None else SafeConfig(tau=args.tau)
+    safe = SafeConfig(**{name: value for name in ("tau", "policy") if (value := getattr(args, name)) is not None})
     callbacks = [] if args.no_safe else [SafeCallback(safe)]  # <- the one line
     trainer = SFTTrainer(
         model=str(model_folder(args.model, Path(args.model_dir))),

@@ -71,7 +71,7 @@ def test_train_says_why_nothing_froze_when_tau_is_too_low(tmp_path, capsys):
         (["--model", "/no/such/dir/model.gguf"], "unknown model"),
         (["--dataset", "imdb"], "unknown dataset 'imdb'"),
         (["--tau", "1.5"], "tau must be in [0, 1]"),
-        (["--tau", "abc"], "invalid float value"),
+        (["--tau", "abc"], "tau must be in [0, 1] or 'auto', got 'abc'"),
         (["--method", "magic"], "unknown method 'magic'"),
         (["--batch-size", "100000"], "larger than the"),
     ],

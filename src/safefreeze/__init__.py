@@ -1,11 +1,11 @@
 """safefreeze: SAFE, selective adapter freezing for memory- and compute-efficient fine-tuning.
 
 from safefreeze import SafeConfig, SafeFreezer
-freezer = SafeFreezer(peft_model, SafeConfig(tau=0.1), optimizer, probe=batch, total_steps=n)
+freezer = SafeFreezer(peft_model, SafeConfig(), optimizer, probe=batch, total_steps=n)
 ...
 loss.backward(); optimizer.step(); event = freezer.step(global_step)  # a FreezeEvent or None
 
-or, in a transformers Trainer: ``Trainer(..., callbacks=[SafeCallback(SafeConfig(tau=0.1))])``.
+or, in a transformers Trainer: ``Trainer(..., callbacks=[SafeCallback(SafeConfig())])``.
 
 The algorithm (``safefreeze.core``) is imported here; the Trainer integration, which pulls in
 transformers' training machinery, is imported on first use of ``SafeCallback``.

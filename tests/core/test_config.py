@@ -1,6 +1,8 @@
 import pytest
 
 from safefreeze.core.config import AUTO, ConfigError, SafeConfig
+from safefreeze.core.freezer import SafeFreezer
+from safefreeze.training.models import add_lora
 
 
 def test_cadence_and_smoothing_default_to_auto_and_scale_with_the_warmup():
@@ -37,6 +39,9 @@ def test_numbers_set_cadence_and_smoothing_exactly():
         ("smoothing", 1.0, r"smoothing must be in \[0, 1\) or 'auto'"),
         ("smoothing", "heavy", r"smoothing must be in \[0, 1\) or 'auto'"),
         ("smoothing_halflife", -0.1, "smoothing_halflife must be >= 0"),
+        ("tau", 1.5, r"tau must be in \[0, 1\] or 'auto'"),
+        ("tau", "high", r"tau must be in \[0, 1\] or 'auto'"),
+        ("policy", "bottom", "policy must be one of threshold, resource, prefix, auto"),
     ],
 )
 def test_bad_cadence_or_smoothing_is_a_config_error(field, value, message):
@@ -47,3 +52,33 @@ def test_bad_cadence_or_smoothing_is_a_config_error(field, value, message):
 def test_auto_values_survive_a_round_trip():
     config = SafeConfig(score_every=AUTO, smoothing=0.3, smoothing_halflife=0.2)
     assert SafeConfig.from_dict(config.to_dict()) == config
+
+
+def test_auto_policy_and_tau_are_decided_by_the_architecture(lora_minilm, tiny_llama):
+    """A decoder-only LM gets the bottom-up prefix at τ 0.3, an encoder the paper's threshold at τ 0.1."""
+    decoder = add_lora(tiny_llama(num_hidden_layers=2), "causal_lm", 4, 8, 0.0)
+    encoder = lora_minilm()
+    assert SafeConfig().policy == AUTO and SafeConfig().tau == AUTO
+    resolved = SafeConfig().for_model(decoder)
+    assert (resolved.policy, resolved.tau) == ("prefix", 0.3)
+    resolved = SafeConfig().for_model(encoder)
+    assert (resolved.policy, resolved.tau) == ("threshold", 0.1)
+    # What the user sets is kept; an auto τ follows the policy, whichever model.
+    assert SafeConfig(tau=0.2).for_model(decoder).tau == 0.2
+    assert (
+        SafeConfig(policy="threshold").for_model(decoder).tau,
+        SafeConfig(policy="prefix").for_model(encoder).tau,
+    ) == (
+        0.1,
+        0.3,
+    )
+    assert SafeConfig(policy="resource").for_model(decoder).policy == "resource"
+    # The freezer and its strategy decide with the resolved values; the user's config is not changed.
+    config = SafeConfig(importance="random", warmup_steps=4)
+    freezer = SafeFreezer(decoder, config)
+    assert (freezer.config.policy, freezer.strategy.config.policy, freezer.strategy.config.tau) == (
+        "prefix",
+        "prefix",
+        0.3,
+    )
+    assert config.policy == AUTO

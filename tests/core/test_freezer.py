@@ -305,9 +305,24 @@ def test_why_no_saving_names_the_unit_in_the_way_and_the_option(lora_minilm, tre
     assert line.startswith(
         f"SAFE froze 1 of 6 units but not block.0 in the bottom block (score {later.scores['block.0']:.3f}"
     )
-    assert "--policy resource" in line and "step 4" in line
+    assert "--policy prefix" in line and "step 4" in line
     freezer.freeze(["block.0"], 5)
     assert freezer.why_no_saving() is None  # backward now stops above block 0
+
+
+def test_why_no_saving_under_prefix_names_the_lowest_unit(lora_minilm, trec_batch):
+    """Bottom-up freezing is stopped by the lowest unit, whatever the least important one is."""
+    model = lora_minilm()
+    _perturb_adapters(model)
+    config = SafeConfig(tau=0.001, policy="prefix", schedule="constant", warmup_steps=2, score_every=2, smoothing=0.0)
+    freezer = SafeFreezer(model, config, probe=_probe(trec_batch))
+    event = freezer.step(2)
+    assert event.frozen_now == () and event.scores["block.0"] > 0.001
+    assert freezer.why_no_saving() == (
+        f"SAFE froze nothing: at its last measurement (step 2) the lowest unit, block.0, scored "
+        f"{event.scores['block.0']:.3f} against a threshold of 0.001; "
+        f"set --tau above {event.scores['block.0']:.3f} to freeze it"
+    )
 
 
 def test_why_no_saving_blames_min_trainable_when_every_unit_is_kept(lora_minilm, trec_batch):

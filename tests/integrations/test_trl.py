@@ -37,7 +37,9 @@ def test_sft_trainer_keeps_every_log_record_and_trains_the_adapters(tiny_gguf, t
     common = ["--model", str(tiny_gguf), "--model-dir", str(tmp_path / "model"), "--max-steps", str(STEPS)]
     common += ["--examples", "64", "--batch-size", "4", "--logging-steps", "1", "--max-length", "256", *switches]
     plain = example.run(example.parse_args([*common, "--out", str(tmp_path / "lora"), "--no-safe"]))
-    safe = example.run(example.parse_args([*common, "--out", str(tmp_path / "safe"), "--tau", "1.0"]))
+    # The paper's rule at τ 1 freezes all but one unit of the two; the decoder default (prefix) may freeze none.
+    safe_args = ["--out", str(tmp_path / "safe"), "--tau", "1.0", "--policy", "threshold"]
+    safe = example.run(example.parse_args([*common, *safe_args]))
 
     def loss_steps(trainer) -> list[int]:
         return [record["step"] for record in trainer.state.log_history if "loss" in record]

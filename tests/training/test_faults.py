@@ -40,7 +40,7 @@ def _fails(argv: list[str], capsys) -> tuple[int, str]:
     ("flags", "message"),
     [
         (["--max-length", "0"], "max_length must be >= 2 tokens, got 0"),
-        (["--tau", "-0.1"], "tau must be in [0, 1], got -0.1"),
+        (["--tau", "-0.1"], "tau must be in [0, 1] or 'auto', got -0.1"),
         (["--lr", "2"], "lr must be in (0, 1), got 2.0"),
         (["--lr", "0"], "lr must be in (0, 1), got 0.0"),
         (["--warmup-steps", "50"], "warm-up of 50 steps is longer than the 3 training steps"),

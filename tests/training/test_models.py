@@ -57,6 +57,8 @@ def test_local_decoder_directory_trains_on_text_file(minilm_source, tiny_llama, 
     report = json.loads((out / "report.json").read_text())
     assert report["eval"]["perplexity"] > 1.0
     assert [unit["name"] for unit in report["units"]] == ["block.0", "block.1"]
+    assert (report["summary"]["policy"], report["summary"]["tau"]) == ("prefix", 0.3)  # "auto" on a decoder
+    assert report["safe_config"]["policy"] == "auto"  # what the user asked for, as asked
     assert (out / "adapter" / "adapter_model.safetensors").exists()
     assert (out / "adapter" / "safe_state.json").exists()
 

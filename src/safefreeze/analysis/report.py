@@ -139,7 +139,10 @@ def render_run(report: dict) -> str:
         f"| optimizer state bytes (end) | {s['optimizer_state_bytes_end']:,} |",
     ]
     if report["units"] and report.get("safe_config"):  # SAFE and the freezing baselines
-        lines += ["", "## Units", "", "| unit | frozen at step | last importance |", "|---|---|---|"]
+        lines += ["", "## Units", ""]
+        if s.get("policy"):
+            lines += [f"Policy {s['policy']}, τ {s['tau']}.", ""]
+        lines += ["| unit | frozen at step | last importance |", "|---|---|---|"]
         for unit in report["units"]:
             last = unit["scores"][-1][1] if unit["scores"] else None
             frozen = unit["frozen_at_step"] if unit["frozen_at_step"] is not None else "—"

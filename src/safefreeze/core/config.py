@@ -11,21 +11,32 @@ Those numbers were per step and per measurement, so they only fitted runs of tha
 default to ``"auto"`` and scale with the warm-up W (schedule.py): ``score_every = ⌊W/12⌋``
 and an EMA whose half-life is 0.16·W, which at W = 122 are the measured 10 steps and 0.70.
 A number sets either one exactly.
+
+Decoders need a different rule (BENCHMARKS.md, "Decoders at 500 steps"): on SmolLM2 block 0
+scores 0.2-0.3 of the top while the lowest scores sit in the middle blocks, so the paper's
+threshold freezes holes that shorten no backward pass. ``policy`` and ``tau`` therefore
+default to ``"auto"`` too and are decided per model (``for_model``): ``prefix`` with τ = 0.3 on
+a decoder-only LM, the paper's ``threshold`` with τ = 0.1 otherwise.
+
 Fields carry ``metadata={"help": ...}`` like PEFT's configs so that ``safefreeze train
 --help`` is generated from this one place.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
+
+from torch import nn
 
 from safefreeze.core.schedule import MEASUREMENTS, SCHEDULES, score_every_for, smoothing_per_measurement
+from safefreeze.core.units import is_decoder_only
 
 GRANULARITIES = ("block", "module")
 IMPORTANCES = ("cka", "random")
 SCORE_ON = ("train", "probe")
 POLICIES = ("threshold", "resource", "prefix")  # safefreeze.core.policy implements them
-AUTO = "auto"  # a value derived from the run (its warm-up length), see the resolve_* methods
+AUTO = "auto"  # a value derived from the run (its warm-up length, its model), see the resolve_* methods
+DEFAULT_TAU = {"threshold": 0.1, "resource": 0.1, "prefix": 0.3}  # tau "auto", per policy (module docstring)
 
 
 class ConfigError(ValueError):
@@ -36,9 +47,13 @@ class ConfigError(ValueError):
 class SafeConfig:
     """Configuration of selective adapter freezing (see README, "The method")."""
 
-    tau: float = field(
-        default=0.1,
-        metadata={"help": "final freezing threshold in [0, 1] on importance normalised by the top unit's"},
+    tau: float | str = field(
+        default=AUTO,
+        metadata={
+            "help": "final freezing threshold in [0, 1] on importance normalised by the top unit's; "
+            f"'{AUTO}': {DEFAULT_TAU['threshold']} for the threshold and resource policies, "
+            f"{DEFAULT_TAU['prefix']} for prefix"
+        },
     )
     warmup_steps: int | None = field(
         default=None,
@@ -108,10 +123,11 @@ class SafeConfig:
         metadata={"help": "fold each frozen LoRA unit (scale*B*A) into its base weight so its matmuls leave the step"},
     )
     policy: str = field(
-        default="threshold",
+        default=AUTO,
         metadata={
             "help": "which units freeze: 'threshold' (paper), 'resource' (favour extending the frozen prefix) or "
-            "'prefix' (bottom-up only: stop at the first unit above the threshold)"
+            f"'prefix' (bottom-up only: stop at the first unit above the threshold); '{AUTO}': prefix on a "
+            "decoder-only LM (Llama, Qwen, GPT-2 ...), threshold on an encoder (BERT ...)"
         },
     )
     resource_weight: float = field(
@@ -120,8 +136,10 @@ class SafeConfig:
     )
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.tau <= 1.0:
-            raise ConfigError(f"tau must be in [0, 1], got {self.tau}; it is a fraction of the top unit's importance")
+        if self.tau != AUTO and (not _is_number(self.tau) or not 0.0 <= self.tau <= 1.0):
+            raise ConfigError(
+                f"tau must be in [0, 1] or '{AUTO}', got {self.tau!r}; it is a fraction of the top unit's importance"
+            )
         if self.warmup_steps is not None and self.warmup_steps < 1:
             raise ConfigError(f"warmup_steps must be >= 1, got {self.warmup_steps}")
         if not 0.0 < self.warmup_ratio <= 1.0:
@@ -148,10 +166,22 @@ class SafeConfig:
             ("schedule", SCHEDULES),
             ("importance", IMPORTANCES),
             ("score_on", SCORE_ON),
-            ("policy", POLICIES),
+            ("policy", (*POLICIES, AUTO)),
         ):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+
+    def for_model(self, model: nn.Module) -> SafeConfig:
+        """This configuration with ``policy`` and ``tau`` decided for ``model`` where they are ``auto``.
+
+        A decoder-only LM (``units.is_decoder_only`` of ``model.config``) gets ``prefix``, anything
+        else ``threshold``; ``tau`` then comes from ``DEFAULT_TAU`` for that policy. The cadence and
+        smoothing stay ``auto``: they depend on the run's length, not on the model.
+        """
+        policy = self.policy
+        if policy == AUTO:
+            policy = "prefix" if is_decoder_only(getattr(model, "config", None)) else "threshold"
+        return replace(self, policy=policy, tau=DEFAULT_TAU[policy] if self.tau == AUTO else self.tau)
 
     def resolve_warmup(self, total_steps: int | None) -> int:
         """Warm-up length in optimizer steps: ``warmup_steps`` if set, else ``warmup_ratio · total_steps``."""

@@ -94,7 +94,7 @@ class ScoredStrategy:
         total_steps: int | None = None,
     ) -> None:
         self.model = model
-        self.config = config
+        self.config = config.for_model(model)  # policy and tau decided for this model where "auto"
         self.units = units
         self.probe = probe
         self.warmup_steps = config.resolve_warmup(total_steps)

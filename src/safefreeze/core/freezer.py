@@ -127,11 +127,11 @@ class SafeFreezer:
         decide_on: Callable[[Callable[[], T]], T] = _in_this_process,
     ) -> None:
         self.model = model
-        self.config = config
+        self.config = config.for_model(model)  # policy and tau decided for this model where "auto"
         self.optimizer = optimizer
         self.probe = probe
         self.units: list[AdapterUnit] = find_units(model, config.granularity)
-        self.strategy = strategy or ScoredStrategy(model, config, self.units, probe, total_steps)
+        self.strategy = strategy or ScoredStrategy(model, self.config, self.units, probe, total_steps)
         self.decide_on = decide_on
         self.frozen: dict[str, int] = {}  # unit name -> step it was frozen at
         self.merged: set[str] = set()  # frozen units folded into their base weights (merge_frozen)
@@ -268,7 +268,10 @@ class SafeFreezer:
         last = scored[-1]
         bar, trainable = last.threshold, self.trainable_units
         if not self.frozen:
-            name = min((u.name for u in trainable), key=last.scores.__getitem__)
+            if self.config.policy == "prefix":  # bottom-up: the lowest unit stands in the way
+                name, which = trainable[0].name, "the lowest unit"
+            else:
+                name, which = min((u.name for u in trainable), key=last.scores.__getitem__), "the least important unit"
             score = last.scores[name]
             if score < bar:
                 return (
@@ -276,7 +279,7 @@ class SafeFreezer:
                     "units trainable; lower --min-trainable"
                 )
             return (
-                f"SAFE froze nothing: at its last measurement (step {last.step}) the least important unit, {name}, "
+                f"SAFE froze nothing: at its last measurement (step {last.step}) {which}, {name}, "
                 f"scored {score:.3f} against a threshold of {bar:.3f}; set --tau above {score:.3f} to freeze it"
             )
         bottom = min(u.block for u in trainable)
@@ -285,7 +288,7 @@ class SafeFreezer:
         return (
             f"SAFE froze {len(self.frozen)} of {len(self.units)} units but not {name} in the bottom block (score "
             f"{score:.3f} against a threshold of {bar:.3f} at step {last.step}), so backward is no shorter and no "
-            f"activation memory is saved; --policy resource favours freezing from the bottom, or set --tau above "
+            f"activation memory is saved; --policy prefix freezes only from the bottom, or set --tau above "
             f"{score:.3f}"
         )
 

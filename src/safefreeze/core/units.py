@@ -54,6 +54,48 @@ def block_index(name: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
+# model_type of the decoder-only transformers (causal self-attention from the first block up). A
+# config with ``is_decoder`` set counts too. Decoders get their own SAFE defaults (config.py).
+DECODER_MODEL_TYPES = frozenset(
+    {
+        "llama",
+        "mistral",
+        "mixtral",
+        "qwen2",
+        "qwen2_moe",
+        "qwen3",
+        "qwen3_moe",
+        "gemma",
+        "gemma2",
+        "gemma3_text",
+        "gpt2",
+        "gpt_neox",
+        "gptj",
+        "opt",
+        "bloom",
+        "falcon",
+        "phi",
+        "phi3",
+        "olmo",
+        "olmo2",
+        "smollm3",
+        "starcoder2",
+        "cohere",
+        "granite",
+        "stablelm",
+    }
+)
+
+
+def is_decoder_only(model_config) -> bool:
+    """Whether a transformers config (``model.config``; None for a plain module) is a decoder-only LM."""
+    if model_config is None:
+        return False
+    return bool(getattr(model_config, "is_decoder", False)) or getattr(model_config, "model_type", None) in (
+        DECODER_MODEL_TYPES
+    )
+
+
 @dataclass
 class AdapterUnit:
     """A group of adapter modules scored and frozen as one.

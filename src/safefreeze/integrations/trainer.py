@@ -1,7 +1,7 @@
 """``SafeCallback``: SAFE inside a transformers ``Trainer`` (or any subclass, such as TRL's), added with one line.
 
     trainer = Trainer(model=peft_model, args=args, train_dataset=train, data_collator=collator,
-                      callbacks=[SafeCallback(SafeConfig(tau=0.1))])
+                      callbacks=[SafeCallback(SafeConfig())])
 
 The callback attaches through what transformers hands every callback, nothing else:
 ``on_train_begin`` receives the model, the optimizer and the train dataloader and builds a

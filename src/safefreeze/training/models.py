@@ -24,6 +24,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from safefreeze.core.config import ConfigError
+from safefreeze.core.units import is_decoder_only
 from safefreeze.training.data import package_file
 from safefreeze.training.outputs import write_atomically
 
@@ -113,7 +114,7 @@ def model_kind(source: ModelSource) -> str:
     """'encoder' or 'decoder', from the model's config."""
     with _readable(source):
         config = AutoConfig.from_pretrained(source.directory, **source.kwargs())
-    return "decoder" if getattr(config, "is_decoder", False) or config.model_type in _DECODERS else "encoder"
+    return "decoder" if is_decoder_only(config) else "encoder"
 
 
 def export_model(spec: str, out_dir: str | Path) -> Path:
@@ -147,22 +148,6 @@ def export_model(spec: str, out_dir: str | Path) -> Path:
 
     write_atomically(out, fill)
     return out
-
-
-_DECODERS = {
-    "llama",
-    "mistral",
-    "qwen2",
-    "qwen3",
-    "gemma",
-    "gemma2",
-    "gpt2",
-    "gpt_neox",
-    "phi",
-    "phi3",
-    "olmo",
-    "smollm3",
-}
 
 
 def add_lora(
