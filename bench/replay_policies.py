@@ -1,0 +1,77 @@
+"""Replay SAFE's decision rule on the scores a run recorded: which τ and policy would have frozen what.
+
+Every measurement of a run is kept in its report (``units[*].scores``: step, smoothed score).
+Feeding those scores through the schedule and a policy again answers "what would τ = x have
+frozen?" without training. It is exact up to the first freeze it makes that the run did not:
+after that, the real run's remaining adapters train in a different model and score differently
+(the frozen ones stop being measured). So replay a run that froze nothing (its scores are then
+the trajectory of LoRA itself) or read only the first freeze step. Activation memory is
+estimated as the share of block-steps above the frozen prefix (transformer blocks are alike);
+measured ratios are in BENCHMARKS.md.
+
+    .venv/bin/python bench/replay_policies.py bench/results/run_lengths/<tag>/n500/safe-*/report.json \\
+        --rules threshold=0.1 prefix=0.3 prefix=0.5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from safefreeze.core.policy import choose_units
+from safefreeze.core.schedule import threshold
+from safefreeze.core.units import AdapterUnit
+
+
+def replay(report: dict, policy: str, tau: float) -> dict[str, int]:
+    """Unit name → step it would freeze at, under ``policy`` and ``tau`` on the report's scores."""
+    safe = report["safe_config"]
+    units = [AdapterUnit(u["name"], u["block"], {}) for u in report["units"]]
+    scores = {u["name"]: dict(u["scores"]) for u in report["units"]}
+    steps = sorted({step for history in scores.values() for step in history})
+    frozen: dict[str, int] = {}
+    for step in steps:
+        now = {name: history[step] for name, history in scores.items()}  # frozen units: their last score
+        bar = threshold(step, report["warmup_steps"], tau, safe["schedule"])
+        budget = max(0, len(units) - len(frozen) - safe["min_trainable"])
+        for name in choose_units(units, frozen, now, bar, budget, policy, safe["resource_weight"]):
+            frozen[name] = step
+    return frozen
+
+
+def prefix_memory(report: dict, frozen: dict[str, int]) -> tuple[int, float]:
+    """Frozen prefix depth at the end, and mean activation memory as a share of LoRA's (block-steps)."""
+    blocks = sorted({u["block"] for u in report["units"]})
+    names = {b: [u["name"] for u in report["units"] if u["block"] == b] for b in blocks}
+    total = report["config"]["max_steps"]
+    depth, released = 0, 0
+    for block in blocks:
+        if not all(name in frozen for name in names[block]):
+            break
+        depth += 1
+        released += total - max(frozen[name] for name in names[block])
+    return depth, 1 - released / (len(blocks) * total)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("reports", nargs="+", type=Path)
+    parser.add_argument("--rules", nargs="+", default=["threshold=0.1", "prefix=0.3", "prefix=0.5", "prefix=0.7"])
+    args = parser.parse_args()
+    rules = [(policy, float(tau)) for policy, _, tau in (rule.partition("=") for rule in args.rules)]
+    print("| run | frozen in the run | " + " | ".join(f"{p} τ {t}" for p, t in rules) + " |")
+    print("|---|---|" + "---|" * len(rules))
+    for path in args.reports:
+        report = json.loads(path.read_text())
+        cells = []
+        for policy, tau in rules:
+            frozen = replay(report, policy, tau)
+            depth, memory = prefix_memory(report, frozen)
+            first = min(frozen.values(), default=None)
+            cells.append(f"{len(frozen)} units from step {first}, prefix {depth}, ~{memory:.2f}×" if frozen else "none")
+        print(f"| {path.parent.name} | {report['summary']['frozen_units']} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()
