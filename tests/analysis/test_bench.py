@@ -215,7 +215,8 @@ def test_bench_methods_are_the_method_table():
 def test_presets_are_data_files(tmp_path):
     quick = load_preset("quick")
     assert quick.seeds == (0,) and quick.methods["hamlet"] == ("lora", "safe", "random", "adapterdrop")
-    assert quick.train["trec"]["max_steps"] == 80 and quick.safe == {"score_every": 5, "tau": 0.5, "smoothing": 0.0}
+    assert quick.train["trec"]["max_steps"] == 80
+    assert quick.safe == {"score_every": 5, "tau": 0.5, "smoothing": 0.0, "policy": "threshold"}
     full = load_preset("full")
     assert full.seeds == (0, 1, 2) and all(set(methods) == set(METHODS) for methods in full.methods.values())
     cells = plan_cells(quick, tmp_path)
