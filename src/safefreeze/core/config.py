@@ -12,11 +12,12 @@ default to ``"auto"`` and scale with the warm-up W (schedule.py): ``score_every 
 and an EMA whose half-life is 0.16·W, which at W = 122 are the measured 10 steps and 0.70.
 A number sets either one exactly.
 
-Decoders need a different rule (BENCHMARKS.md, "Decoders at 500 steps"): on SmolLM2 block 0
-scores 0.2-0.3 of the top while the lowest scores sit in the middle blocks, so the paper's
-threshold freezes holes that shorten no backward pass. ``policy`` and ``tau`` therefore
-default to ``"auto"`` too and are decided per model (``for_model``): ``prefix`` with τ = 0.3 on
-a decoder-only LM, the paper's ``threshold`` with τ = 0.1 otherwise.
+Decoders need a different rule (BENCHMARKS.md, "Decoder defaults"): on SmolLM2 the lowest
+scores sit in the middle blocks, not at the bottom, so the paper's threshold freezes holes that
+shorten no backward pass. ``policy`` and ``tau`` therefore default to ``"auto"`` too and are
+decided per model (``for_model``): ``prefix`` with τ = 0.3 on a decoder-only LM (bottom-up only,
+so whatever it freezes saves; measured over three seeds and two texts), the paper's
+``threshold`` with τ = 0.1 otherwise.
 
 Fields carry ``metadata={"help": ...}`` like PEFT's configs so that ``safefreeze train
 --help`` is generated from this one place.
