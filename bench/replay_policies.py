@@ -19,15 +19,20 @@ import argparse
 import json
 from pathlib import Path
 
-from safefreeze.core.policy import choose_units
+from safefreeze.core.policy import choose_units, frozen_prefix
 from safefreeze.core.schedule import threshold
 from safefreeze.core.units import AdapterUnit
+
+
+def report_units(report: dict) -> list[AdapterUnit]:
+    """The run's units, ordered from the input upwards (names and blocks: all a policy reads)."""
+    return [AdapterUnit(u["name"], u["block"], {}) for u in report["units"]]
 
 
 def replay(report: dict, policy: str, tau: float) -> dict[str, int]:
     """Unit name → step it would freeze at, under ``policy`` and ``tau`` on the report's scores."""
     safe = report["safe_config"]
-    units = [AdapterUnit(u["name"], u["block"], {}) for u in report["units"]]
+    units = report_units(report)
     scores = {u["name"]: dict(u["scores"]) for u in report["units"]}
     steps = sorted({step for history in scores.values() for step in history})
     frozen: dict[str, int] = {}
@@ -42,15 +47,12 @@ def replay(report: dict, policy: str, tau: float) -> dict[str, int]:
 
 def prefix_memory(report: dict, frozen: dict[str, int]) -> tuple[int, float]:
     """Frozen prefix depth at the end, and mean activation memory as a share of LoRA's (block-steps)."""
-    blocks = sorted({u["block"] for u in report["units"]})
-    names = {b: [u["name"] for u in report["units"] if u["block"] == b] for b in blocks}
+    units = report_units(report)
+    blocks = sorted({u.block for u in units})
+    depth = frozen_prefix(units, frozen)  # the library's k(F): the lowest block still trainable
     total = report["config"]["max_steps"]
-    depth, released = 0, 0
-    for block in blocks:
-        if not all(name in frozen for name in names[block]):
-            break
-        depth += 1
-        released += total - max(frozen[name] for name in names[block])
+    # a prefix block stops costing from the step its last unit froze
+    released = sum(total - max(frozen[u.name] for u in units if u.block == block) for block in blocks if block < depth)
     return depth, 1 - released / (len(blocks) * total)
 
 
