@@ -54,7 +54,7 @@ def test_safe_scores_and_freezes_bottleneck_units(minilm_source, trec_task, trec
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     probe = {k: v for k, v in trec_batch(8).items() if k != "labels"}
-    config = SafeConfig(tau=1.0, warmup_steps=2, score_every=1, probe_size=8)
+    config = SafeConfig(tau=1.0, warmup_steps=2, score_every=1, smoothing=0.0, probe_size=8)
     freezer = SafeFreezer(model, config, optimizer, probe=probe, total_steps=4)
     snapshots = {}
     for step in range(1, 5):
@@ -83,7 +83,7 @@ def test_trainer_with_safe_callback_freezes_bottleneck_units(minilm_source, mini
         output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=8, report_to=[], save_strategy="no",
         use_cpu=True, disable_tqdm=True, seed=0,
     )  # fmt: skip
-    safe = SafeCallback(SafeConfig(tau=1.0, warmup_steps=2, score_every=1, probe_size=8))
+    safe = SafeCallback(SafeConfig(tau=1.0, warmup_steps=2, score_every=1, smoothing=0.0, probe_size=8))
     trainer = Trainer(
         model=model,
         args=args,

@@ -426,7 +426,25 @@ def test_adapters_that_are_still_identities_decide_nothing(lora_minilm, trec_bat
     event = freezer.step(1)
     assert (event.scores, event.frozen_now, freezer.frozen) == ({}, (), {})
     assert all(points == [] for points in freezer.history.values())
-    _perturb_adapters(model)  # the adapters now change their outputs: the next measurement decides
+    _perturb_adapters(model)  # the adapters now change their outputs: the first reading starts the average...
     freezer.watch(2)
     model(**_probe(trec_batch))
-    assert len(freezer.step(2).frozen_now) == 5  # τ = 1 freezes all but min_trainable
+    first = freezer.step(2)
+    assert first.scores and max(first.scores.values()) == 1.0 and first.frozen_now == ()
+    freezer.watch(3)
+    model(**_probe(trec_batch))
+    assert len(freezer.step(3).frozen_now) == 5  # ...and the second decides: τ = 1 freezes all but min_trainable
+
+
+@pytest.mark.parametrize(("smoothing", "frozen_at_first_reading"), [(0.5, 0), (0.0, 5)])
+def test_a_first_reading_decides_only_without_smoothing(lora_minilm, trec_batch, smoothing, frozen_at_first_reading):
+    """An average of one reading smooths nothing: with smoothing on, SAFE decides from its second measurement."""
+    model = lora_minilm()
+    _perturb_adapters(model)
+    freezer = SafeFreezer(
+        model, SafeConfig(tau=1.0, schedule="constant", warmup_steps=4, score_every=1, smoothing=smoothing)
+    )
+    freezer.watch(1)
+    model(**_probe(trec_batch))
+    event = freezer.step(1)
+    assert len(event.scores) == 6 and len(event.frozen_now) == frozen_at_first_reading

@@ -107,7 +107,9 @@ def test_training_with_merge_and_prefix_cache_keeps_frozen_adapters_bit_for_bit(
     """Runs are identical until the first freeze, so units frozen then match the plain run's exactly."""
     monkeypatch.setattr(train_module, "evaluate", lambda *args, **kwargs: {"accuracy": 0.0})  # training only
     common = dict(max_steps=4, batch_size=8, lora_dropout=0.0, flops_every=100)
-    safe = dict(importance="random", tau=1.0, warmup_steps=2, score_every=1)  # seed 0: block 1 stays trainable
+    safe = dict(
+        importance="random", tau=1.0, warmup_steps=2, score_every=1, smoothing=0.0
+    )  # seed 0: block 1 stays trainable
     plain = train(TrainConfig(**common), SafeConfig(**safe), progress=False)
     extended = train(
         TrainConfig(**common, prefix_cache=True, cache_dtype="float32"),
@@ -142,7 +144,7 @@ def test_prefix_cache_misses_count_their_flops(monkeypatch):
     step costs what plain SAFE's does: the miss's prefix forward is counted, not lost."""
     monkeypatch.setattr(train_module, "evaluate", lambda *args, **kwargs: {"accuracy": 0.0})
     common = dict(max_steps=4, batch_size=8, lora_dropout=0.0, flops_every=1)
-    safe = SafeConfig(importance="random", tau=1.0, warmup_steps=2, score_every=1)
+    safe = SafeConfig(importance="random", tau=1.0, warmup_steps=2, score_every=1, smoothing=0.0)
     plain = train(TrainConfig(**common), safe, progress=False)
     cached = train(TrainConfig(**common, prefix_cache=True, cache_dtype="float32"), safe, progress=False)
     assert cached.report["summary"]["prefix_cache"]["hits"] == 0

@@ -83,7 +83,7 @@ def test_freezer_consults_the_configured_policy(lora_minilm, monkeypatch):
     scores = {"block.0": 0.45, "block.1": 0.1, "block.2": 0.1, "block.3": 0.30, "block.4": 1.0, "block.5": 0.25}
     chosen = {}
     for policy in ("threshold", "resource"):
-        config = SafeConfig(importance="random", warmup_steps=1, tau=0.4, policy=policy)
+        config = SafeConfig(importance="random", warmup_steps=1, tau=0.4, smoothing=0.0, policy=policy)
         freezer = SafeFreezer(model, config)
         freezer.freeze(["block.1", "block.2"], 0)
         monkeypatch.setattr(freezer.strategy, "score", lambda merged: scores)

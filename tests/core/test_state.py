@@ -19,7 +19,7 @@ from safefreeze.core.state import STATE_NAME, load_freezer_state, read_state, sa
 from safefreeze.training.data import Collator
 from safefreeze.training.train import TrainConfig, evaluate, prepare, train
 
-SAFE = SafeConfig(tau=1.0, warmup_steps=2, score_every=1, probe_size=8)
+SAFE = SafeConfig(tau=1.0, warmup_steps=2, score_every=1, smoothing=0.0, probe_size=8)
 
 
 @pytest.fixture(scope="module")

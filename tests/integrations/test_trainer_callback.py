@@ -23,7 +23,15 @@ from safefreeze.core.accounting import record_saved_tensors
 from safefreeze.core.state import STATE_NAME, read_state
 from safefreeze.core.units import find_blocks
 
-SAFE = {"importance": "random", "seed": 3, "tau": 1.0, "warmup_steps": 4, "score_every": 2, "probe_size": 8}
+SAFE = {
+    "importance": "random",
+    "seed": 3,
+    "tau": 1.0,
+    "warmup_steps": 4,
+    "score_every": 2,
+    "probe_size": 8,
+    "smoothing": 0.0,
+}
 
 
 class LogRecorder(TrainerCallback):

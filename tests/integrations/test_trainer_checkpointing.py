@@ -28,7 +28,15 @@ from safefreeze.core.units import find_blocks
 from safefreeze.training import activation_plan
 from safefreeze.training.memory_budget import MIB, longest_batch, measure_block_costs, parse_size
 
-SAFE = {"importance": "random", "seed": 3, "tau": 1.0, "warmup_steps": 4, "score_every": 2, "probe_size": 8}
+SAFE = {
+    "importance": "random",
+    "seed": 3,
+    "tau": 1.0,
+    "warmup_steps": 4,
+    "score_every": 2,
+    "probe_size": 8,
+    "smoothing": 0.0,
+}
 EXAMPLES = 64
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 EXAMPLE = Path(__file__).parents[2] / "examples" / "sft_trl.py"
-STEPS = 6
+STEPS = 10
 
 
 def _example():

@@ -73,7 +73,7 @@ def test_rng_state_round_trips_every_generator():
 TRAIN = [
     "train",
     *("--max-steps", "8", "--batch-size", "8", "--max-length", "16", "--flops-every", "1000", "--quiet"),
-    *("--warmup-steps", "4", "--score-every", "2", "--tau", "0.9", "--probe-size", "8"),
+    *("--warmup-steps", "4", "--score-every", "2", "--tau", "0.9", "--probe-size", "8", "--smoothing", "0"),
 ]
 
 
@@ -124,7 +124,7 @@ def test_resume_refuses_a_changed_configuration(tmp_path, capsys):
 def test_resume_with_merge_on_freeze_is_bit_exact(tmp_path, no_eval):
     """Merged units change base weights, which checkpoints do not hold: resuming merges them again."""
     config = TrainConfig(max_steps=6, batch_size=8, max_length=16, flops_every=1000)
-    safe = SafeConfig(tau=0.9, warmup_steps=4, score_every=2, probe_size=8, merge_frozen=True)
+    safe = SafeConfig(tau=0.9, warmup_steps=4, score_every=2, smoothing=0.0, probe_size=8, merge_frozen=True)
     whole = train(config, safe, progress=False, checkpoints=checkpoint.Checkpoints(tmp_path, save_every=3, keep=2))
     state = checkpoint.load(tmp_path / "step-000003.pt")
     assert state["freezer"]["frozen"]  # merged before the checkpoint, more freezes after it
@@ -141,7 +141,7 @@ def test_resume_with_merge_on_freeze_is_bit_exact(tmp_path, no_eval):
 def test_a_resumed_run_streams_each_step_once(tmp_path, no_eval):
     """Steps a run streamed after its last checkpoint are redone on resume; metrics.jsonl holds them once."""
     config = TrainConfig(max_steps=5, batch_size=8, max_length=16, flops_every=1000)
-    safe = SafeConfig(tau=0.9, warmup_steps=4, score_every=2, probe_size=8)
+    safe = SafeConfig(tau=0.9, warmup_steps=4, score_every=2, smoothing=0.0, probe_size=8)
     saving = checkpoint.Checkpoints(tmp_path / "checkpoints", save_every=2, keep=5)
     whole = train(config, safe, progress=False, checkpoints=saving, out=tmp_path)
     assert [r["step"] for r in read_metrics(tmp_path / METRICS_NAME)] == [1, 2, 3, 4, 5]

@@ -150,7 +150,9 @@ def _ddp_rank(rank: int, port: int, directory: str, budget: int) -> None:
 
     train_module.evaluate = lambda *args, **kwargs: {}
     config = TrainConfig(method="safe", device="cpu", memory_budget=f"{budget}B", **DDP_RUN)
-    result = train_module.train(config, SafeConfig(tau=1.0, warmup_steps=2, score_every=2, probe_size=8), False)
+    result = train_module.train(
+        config, SafeConfig(tau=1.0, warmup_steps=2, score_every=2, smoothing=0.0, probe_size=8), False
+    )
     torch.save(result.report, os.path.join(directory, f"rank{rank}.pt"))
     distributed.teardown()
 

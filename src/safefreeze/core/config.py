@@ -105,7 +105,8 @@ class SafeConfig:
     smoothing: float | str = field(
         default=AUTO,
         metadata={
-            "help": "weight of the running average of scores at each measurement (EMA), in [0, 1); 0 = none; "
+            "help": "weight of the running average of scores at each measurement (EMA), in [0, 1); 0 = none "
+            "(decide on every reading, the first included; with smoothing the first reading decides nothing); "
             f"'{AUTO}': from --smoothing-halflife, so runs of any length smooth alike"
         },
     )

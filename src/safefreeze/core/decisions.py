@@ -8,11 +8,14 @@ anything itself: freezing is the freezer's, one code path for every strategy.
 - ``ScoredStrategy`` is SAFE. At every ``score_every``-th step of the warm-up (and at its
   last step) each unit still trainable gets importance ``s_u = 1 − CKA(X, Y)`` (mean over
   its modules), normalised by the largest among units and smoothed by an EMA over
-  measurements (``s ← β·s_prev + (1 − β)·s``). Trainable units below the threshold ``T(t)``
-  (schedule.py) are chosen by the policy (policy.py), keeping at least ``min_trainable``
-  units trainable. A frozen unit is no longer measured: its raw importance stays at its
-  last measurement. A measurement whose top importance is round-off (``MEASURABLE``: the
-  adapters still compute the identity, as LoRA does before its first update) decides nothing.
+  measurements (``s ← β·s_prev + (1 − β)·s``); with smoothing on, the first reading only
+  starts the average and decides nothing (an average of one reading smooths nothing: a
+  100-step TREC run froze two blocks on a first reading taken after one update, −3.2
+  points). Trainable units below the threshold ``T(t)`` (schedule.py) are chosen by the
+  policy (policy.py), keeping at least ``min_trainable`` units trainable. A frozen unit is
+  no longer measured: its raw importance stays at its last measurement. A measurement
+  whose top importance is round-off (``MEASURABLE``: the adapters still compute the
+  identity, as LoRA does before its first update) decides nothing.
 
   X and Y come from the *training forward* of the due step when the loop lets the strategy
   watch it (``watch`` before that forward): the features are there already, so a
@@ -129,12 +132,12 @@ class ScoredStrategy:
 
     def decide(self, step: int, frozen: Mapping[str, int]) -> Decision:
         """Score, take the bar ``T(step)``, and choose at most ``trainable − min_trainable`` units below it."""
-        start, watched = time.perf_counter(), self._watched
+        start, watched, first_reading = time.perf_counter(), self._watched, not self._smoothed
         scores = self.score(frozen)
         seconds = time.perf_counter() - start + (self._capture.seconds if watched else 0.0)  # + the CKA in forward
         bar = threshold(step, self.warmup_steps, self.config.tau, self.config.schedule)
-        if not scores:
-            return Decision({}, bar, (), seconds)
+        if not scores or (first_reading and self.smoothing > 0):
+            return Decision(scores, bar, (), seconds)  # no ranking yet, or one reading the average cannot smooth
         budget = max(0, sum(u.name not in frozen for u in self.units) - self.config.min_trainable)
         chosen = choose_units(self.units, frozen, scores, bar, budget, self.config.policy, self.config.resource_weight)
         return Decision(scores, bar, tuple(chosen), seconds)
