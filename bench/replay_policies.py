@@ -19,6 +19,7 @@ import argparse
 import json
 from pathlib import Path
 
+from safefreeze.core.config import SafeConfig
 from safefreeze.core.policy import choose_units, frozen_prefix
 from safefreeze.core.schedule import threshold
 from safefreeze.core.units import AdapterUnit
@@ -35,6 +36,8 @@ def replay(report: dict, policy: str, tau: float) -> dict[str, int]:
     units = report_units(report)
     scores = {u["name"]: dict(u["scores"]) for u in report["units"]}
     steps = sorted({step for history in scores.values() for step in history})
+    if SafeConfig(**safe).resolve_smoothing(report["warmup_steps"]) > 0:
+        steps = steps[1:]  # as the run did: with smoothing on, the first reading only starts the average
     frozen: dict[str, int] = {}
     for step in steps:
         now = {name: history[step] for name, history in scores.items()}  # frozen units: their last score

@@ -28,7 +28,9 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
+from replay_policies import report_units  # noqa: E402
 
+from safefreeze.core import policy  # noqa: E402
 from safefreeze.core.config import SafeConfig  # noqa: E402
 from safefreeze.training.train import TrainConfig, run_identity, train  # noqa: E402
 
@@ -71,10 +73,9 @@ def run(directory: Path, config: TrainConfig, safe: SafeConfig) -> dict:
 
 
 def frozen_prefix(report: dict) -> int:
-    """Bottom blocks whose units are all frozen at the end of the run."""
-    blocks = sorted({u["block"] for u in report["units"]})
-    frozen = {b for b in blocks if all(u["frozen_at_step"] is not None for u in report["units"] if u["block"] == b)}
-    return next((i for i, b in enumerate(blocks) if b not in frozen), len(blocks))
+    """Bottom blocks whose units are all frozen at the end of the run (the library's ``k(F)``)."""
+    frozen = {u["name"] for u in report["units"] if u["frozen_at_step"] is not None}
+    return policy.frozen_prefix(report_units(report), frozen)
 
 
 def row(label: str, steps: int, cells: list[tuple[dict, dict]]) -> str:
