@@ -53,7 +53,7 @@ def prefix_memory(report: dict, frozen: dict[str, int]) -> tuple[int, float]:
     units = report_units(report)
     blocks = sorted({u.block for u in units})
     depth = frozen_prefix(units, frozen)  # the library's k(F): the lowest block still trainable
-    total = report["config"]["max_steps"]
+    total = len(report["steps"])  # one record per optimizer step (max_steps is None for a run given in epochs)
     # a prefix block stops costing from the step its last unit froze
     released = sum(total - max(frozen[u.name] for u in units if u.block == block) for block in blocks if block < depth)
     return depth, 1 - released / (len(blocks) * total)
@@ -75,7 +75,8 @@ def main() -> None:
             depth, memory = prefix_memory(report, frozen)
             first = min(frozen.values(), default=None)
             cells.append(f"{len(frozen)} units from step {first}, prefix {depth}, ~{memory:.2f}×" if frozen else "none")
-        print(f"| {path.parent.name} | {report['summary']['frozen_units']} | " + " | ".join(cells) + " |")
+        run = f"{Path(report['dataset']).stem} s{report['seed']}: {path.parent.name}"
+        print(f"| {run} | {report['summary']['frozen_units']} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":
