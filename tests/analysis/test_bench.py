@@ -229,7 +229,11 @@ def test_presets_are_data_files(tmp_path):
     memory = load_preset("memory")
     assert memory.seeds == (0, 1, 2) and set(memory.methods) == {"trec", "movies", "hamlet"}
     assert all(m == ("lora", "safe", "lora+ckpt", "lora+budget", "safe+budget") for m in memory.methods.values())
-    with pytest.raises(ConfigError, match="unknown bench preset 'tiny'; choose one of full, memory, quick"):
+    lower_tau = load_preset("movies-tau005")
+    assert (lower_tau.methods, lower_tau.safe) == ({"movies": ("lora", "safe")}, {"tau": 0.05})
+    with pytest.raises(
+        ConfigError, match="unknown bench preset 'tiny'; choose one of full, memory, movies-tau005, quick"
+    ):
         load_preset("tiny")
     mine.write_text("seeds = [0]\n")
     with pytest.raises(ConfigError, match=r"needs seeds and \[methods\]"):
