@@ -11,6 +11,9 @@ measured ratios are in BENCHMARKS.md.
 
     .venv/bin/python bench/replay_policies.py bench/results/run_lengths/<tag>/n500/safe-*/report.json \\
         --rules threshold=0.1 prefix=0.3 prefix=0.5
+
+``--quantile-of block.2`` prints instead where that unit stands by rank at each measurement (the
+share of the other units scoring below it): what a rank or quantile normalisation would see.
 """
 
 from __future__ import annotations
@@ -59,11 +62,26 @@ def prefix_memory(report: dict, frozen: dict[str, int]) -> tuple[int, float]:
     return depth, 1 - released / (len(blocks) * total)
 
 
+def quantiles(report: dict, name: str) -> list[tuple[int, float]]:
+    """(step, share of the other units scoring below ``name``) at each measurement: its place by rank."""
+    scores = {u["name"]: dict(u["scores"]) for u in report["units"]}
+    others = [history for unit, history in scores.items() if unit != name]
+    return [
+        (step, sum(history[step] < value for history in others) / len(others)) for step, value in scores[name].items()
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("reports", nargs="+", type=Path)
     parser.add_argument("--rules", nargs="+", default=["threshold=0.1", "prefix=0.3", "prefix=0.5", "prefix=0.7"])
+    parser.add_argument("--quantile-of", metavar="UNIT", help="print only this unit's rank quantile per measurement")
     args = parser.parse_args()
+    if args.quantile_of:
+        for path in args.reports:
+            places = quantiles(json.loads(path.read_text()), args.quantile_of)
+            print(f"{path.parent.name}: " + " ".join(f"{step}:{share:.2f}" for step, share in places))
+        return
     rules = [(policy, float(tau)) for policy, _, tau in (rule.partition("=") for rule in args.rules)]
     print("| run | frozen in the run | " + " | ".join(f"{p} τ {t}" for p, t in rules) + " |")
     print("|---|---|" + "---|" * len(rules))
