@@ -337,6 +337,19 @@ def test_why_no_saving_blames_min_trainable_when_every_unit_is_kept(lora_minilm,
     )
 
 
+def test_why_no_saving_names_a_single_reading_under_smoothing(lora_minilm, trec_batch):
+    """One measurement in the whole warm-up only starts the average: the line says so, not "raise --tau"."""
+    model = lora_minilm()
+    _perturb_adapters(model)
+    config = SafeConfig(tau=1.0, schedule="constant", warmup_steps=2, score_every=2, smoothing=0.5)
+    freezer = SafeFreezer(model, config, probe=_probe(trec_batch))
+    assert freezer.step(2).frozen_now == ()
+    assert freezer.why_no_saving() == (
+        "SAFE froze nothing: it measured once (step 2), and with smoothing on a first reading only starts the "
+        "average; lengthen the warm-up (--warmup-ratio) or set --smoothing 0"
+    )
+
+
 def test_why_no_saving_is_silent_for_planned_baselines(lora_minilm):
     """A baseline's plan is not SAFE's decision: no score, no threshold, nothing to explain."""
     model = lora_minilm()

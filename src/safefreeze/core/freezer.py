@@ -258,7 +258,8 @@ class SafeFreezer:
         (a planned baseline). Otherwise the line names the unit that stands in the way at the last
         measurement — the least important one when nothing froze, the bottom block's when units
         froze elsewhere — with its score against the threshold, and the option that moves it (named
-        as on the command line; ``SafeConfig`` has the same fields).
+        as on the command line; ``SafeConfig`` has the same fields). A warm-up with a single reading
+        under smoothing decided nothing for that reason alone, and the line says so instead.
         """
         if self.frozen_prefix() > 0:
             return None
@@ -273,6 +274,16 @@ class SafeFreezer:
             else:
                 name, which = min((u.name for u in trainable), key=last.scores.__getitem__), "the least important unit"
             score = last.scores[name]
+            if (
+                score < bar
+                and len(scored) == 1
+                and getattr(self.strategy, "smoothing", 0.0) > 0  # a scored strategy's EMA weight
+                and self.config.min_trainable < len(trainable)
+            ):
+                return (
+                    f"SAFE froze nothing: it measured once (step {last.step}), and with smoothing on a first reading "
+                    "only starts the average; lengthen the warm-up (--warmup-ratio) or set --smoothing 0"
+                )
             if score < bar:
                 return (
                     f"SAFE froze nothing: min_trainable={self.config.min_trainable} keeps all {len(self.units)} "
