@@ -6,6 +6,7 @@ import pytest
 import torch
 from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
 
+from safefreeze import SafeConfig
 from safefreeze.training.models import add_lora, load_model
 
 
@@ -67,6 +68,22 @@ def classifier_trainer(minilm_tokenizer):
             train_dataset=examples,
             data_collator=DataCollatorWithPadding(minilm_tokenizer),
             callbacks=callbacks,
+        )
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def random_freezing():
+    """``random_freezing()``: the SAFE settings of the Trainer tests, a fresh ``SafeConfig`` per call.
+
+    Random importance (seed 3) at τ 1 measured at steps 2 and 4 of a 4-step warm-up, without smoothing, so
+    each measurement decides: units freeze at both steps, a bottom block among them.
+    """
+
+    def make() -> SafeConfig:
+        return SafeConfig(
+            importance="random", seed=3, tau=1.0, warmup_steps=4, score_every=2, probe_size=8, smoothing=0.0
         )
 
     return make

@@ -23,16 +23,6 @@ from safefreeze.core.accounting import record_saved_tensors
 from safefreeze.core.state import STATE_NAME, read_state
 from safefreeze.core.units import find_blocks
 
-SAFE = {
-    "importance": "random",
-    "seed": 3,
-    "tau": 1.0,
-    "warmup_steps": 4,
-    "score_every": 2,
-    "probe_size": 8,
-    "smoothing": 0.0,
-}
-
 
 class LogRecorder(TrainerCallback):
     """A reporting-style callback (what a report_to integration does with ``logs``), listed after SafeCallback."""
@@ -62,11 +52,11 @@ def _adapter_weights(model) -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def trained(lora_classifier, classifier_trainer, trec_examples, tmp_path_factory):
+def trained(lora_classifier, classifier_trainer, trec_examples, tmp_path_factory, random_freezing):
     """Six Trainer steps with SafeCallback (measurements at steps 2 and 4), a log record and a checkpoint
     every 3 steps, the model saved at the end; and the same run without SAFE."""
     out = tmp_path_factory.mktemp("trainer")
-    safe = SafeCallback(SafeConfig(**SAFE))
+    safe = SafeCallback(random_freezing())
     logs, snapshots = LogRecorder(), FreezeSnapshots(safe)
     model = lora_classifier()
     trainer = classifier_trainer(
@@ -137,13 +127,13 @@ def test_safe_values_ride_on_the_next_trainer_record(trained):
 
 
 def test_report_to_integrations_are_told_where_safe_values_go(
-    lora_classifier, classifier_trainer, trec_examples, tmp_path, caplog
+    lora_classifier, classifier_trainer, trec_examples, tmp_path, caplog, random_freezing
 ):
     trainer = classifier_trainer(
         lora_classifier(),
         trec_examples[:16],
         tmp_path,
-        [SafeCallback(SafeConfig(**SAFE))],
+        [SafeCallback(random_freezing())],
         max_steps=1,
     )
     trainer.args.report_to = ["tensorboard"]  # as TrainingArguments(report_to=...) sets it, without the package
@@ -194,12 +184,14 @@ def test_frozen_prefix_saves_activations(trained, lora_classifier, trec_batch):
     assert measured["safe"].bytes < 0.6 * measured["lora"].bytes
 
 
-def test_resume_from_checkpoint_restores_freezer(trained, lora_classifier, classifier_trainer, trec_examples):
+def test_resume_from_checkpoint_restores_freezer(
+    trained, lora_classifier, classifier_trainer, trec_examples, random_freezing
+):
     checkpoint = trained["out"] / "checkpoint-3"
     on_disk = json.loads((checkpoint / "safe_state.json").read_text())
     assert on_disk["frozen"] == {k: v for k, v in trained["safe"].freezer.frozen.items() if v <= 3}
     assert on_disk["frozen"]  # something was frozen at step 2 already
-    safe = SafeCallback(SafeConfig(**SAFE))
+    safe = SafeCallback(random_freezing())
     model = lora_classifier()
     trainer = classifier_trainer(model, trec_examples[:64], trained["out"], [safe])
     trainer.train(resume_from_checkpoint=str(checkpoint))

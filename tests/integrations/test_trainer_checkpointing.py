@@ -19,7 +19,7 @@ import pytest
 import torch
 from transformers import DataCollatorWithPadding, TrainerCallback
 
-from safefreeze import SafeCallback, SafeConfig
+from safefreeze import SafeCallback
 from safefreeze.core.accounting import record_saved_tensors
 from safefreeze.core.checkpointing import BlockCheckpoint, checkpointed_blocks
 from safefreeze.core.config import ConfigError
@@ -28,15 +28,6 @@ from safefreeze.core.units import find_blocks
 from safefreeze.training import activation_plan
 from safefreeze.training.memory_budget import MIB, longest_batch, measure_block_costs, parse_size
 
-SAFE = {
-    "importance": "random",
-    "seed": 3,
-    "tau": 1.0,
-    "warmup_steps": 4,
-    "score_every": 2,
-    "probe_size": 8,
-    "smoothing": 0.0,
-}
 EXAMPLES = 64
 
 
@@ -90,7 +81,7 @@ def costs(lora_classifier, trec_examples, minilm_tokenizer):
 
 
 @pytest.fixture(scope="module")
-def runs(lora_classifier, classifier_trainer, trec_examples, costs, tmp_path_factory):
+def runs(lora_classifier, classifier_trainer, trec_examples, costs, tmp_path_factory, random_freezing):
     out = tmp_path_factory.mktemp("checkpointing")
     _, budget = costs
     settings = {
@@ -101,7 +92,7 @@ def runs(lora_classifier, classifier_trainer, trec_examples, costs, tmp_path_fac
     }
     results = {}
     for name, (callback, arguments) in settings.items():
-        recorder, safe, model = StepRecorder(), SafeCallback(SafeConfig(**SAFE), **callback), lora_classifier()
+        recorder, safe, model = StepRecorder(), SafeCallback(random_freezing(), **callback), lora_classifier()
         trainer = classifier_trainer(
             model, trec_examples[:EXAMPLES], out / name, [recorder, safe], logging_steps=1, **arguments
         )
@@ -195,10 +186,10 @@ def test_the_budget_is_planned_and_replanned_after_each_freeze(runs, costs):
 
 
 def test_an_impossible_budget_fails_before_the_first_step(
-    lora_classifier, classifier_trainer, trec_examples, costs, tmp_path
+    lora_classifier, classifier_trainer, trec_examples, costs, tmp_path, random_freezing
 ):
     recorder = StepRecorder()
-    safe = SafeCallback(SafeConfig(**SAFE), memory_budget="1MiB")
+    safe = SafeCallback(random_freezing(), memory_budget="1MiB")
     trainer = classifier_trainer(lora_classifier(), trec_examples[:EXAMPLES], tmp_path, [recorder, safe])
     with pytest.raises(ConfigError) as error:
         trainer.train()
@@ -212,12 +203,14 @@ def test_an_impossible_budget_fails_before_the_first_step(
     assert recorder.saved == {} and trainer.state.global_step == 0
 
 
-def test_resume_keeps_the_plan(runs, lora_classifier, classifier_trainer, trec_examples, costs, monkeypatch):
+def test_resume_keeps_the_plan(
+    runs, lora_classifier, classifier_trainer, trec_examples, costs, monkeypatch, random_freezing
+):
     """The resumed callback plans from the saved costs (measuring again would fail here) and ends where the run did."""
     run = runs["budget"]
     monkeypatch.setattr(activation_plan, "measure_block_costs", lambda *args: pytest.fail("measured again"))
     recorder = StepRecorder()
-    safe = SafeCallback(SafeConfig(**SAFE), memory_budget=run["safe"].memory_budget)
+    safe = SafeCallback(random_freezing(), memory_budget=run["safe"].memory_budget)
     model = lora_classifier()
     trainer = classifier_trainer(model, trec_examples[:EXAMPLES], run["out"], [recorder, safe])
     trainer.train(resume_from_checkpoint=str(run["out"] / "checkpoint-3"))
@@ -229,12 +222,14 @@ def test_resume_keeps_the_plan(runs, lora_classifier, classifier_trainer, trec_e
     assert all(torch.equal(after[name], before[name]) for name in before)
 
 
-def test_offloading_checkpointing_is_refused(lora_classifier, classifier_trainer, trec_examples, tmp_path):
+def test_offloading_checkpointing_is_refused(
+    lora_classifier, classifier_trainer, trec_examples, tmp_path, random_freezing
+):
     trainer = classifier_trainer(
         lora_classifier(),
         trec_examples[:16],
         tmp_path,
-        [SafeCallback(SafeConfig(**SAFE))],
+        [SafeCallback(random_freezing())],
         activation_checkpointing=True,
         activation_checkpointing_kwargs={"offload": True},
     )
@@ -263,9 +258,9 @@ class _Stream(torch.utils.data.IterableDataset):
     ],
 )
 def test_a_budget_without_a_worst_case_is_refused(
-    lora_classifier, classifier_trainer, trec_examples, tmp_path, dataset, message
+    lora_classifier, classifier_trainer, trec_examples, tmp_path, dataset, message, random_freezing
 ):
-    safe = SafeCallback(SafeConfig(**SAFE), memory_budget="6GiB")
+    safe = SafeCallback(random_freezing(), memory_budget="6GiB")
     trainer = classifier_trainer(lora_classifier(), dataset(trec_examples[:16]), tmp_path, [safe])
     with pytest.raises(ConfigError, match=message):
         trainer.train()
