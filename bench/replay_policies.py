@@ -10,7 +10,7 @@ estimated as the share of block-steps above the frozen prefix (transformer block
 measured ratios are in BENCHMARKS.md.
 
     .venv/bin/python bench/replay_policies.py bench/results/run_lengths/<tag>/n500/safe-*/report.json \\
-        --rules threshold=0.1 prefix=0.3 prefix=0.5
+        --rules threshold=0.1 prefix=0.3 prefix=0.5 [--min-trainable 15]
 
 ``--quantile-of block.2`` prints instead where that unit stands by rank at each measurement (the
 share of the other units scoring below it): what a rank or quantile normalisation would see.
@@ -33,9 +33,15 @@ def report_units(report: dict) -> list[AdapterUnit]:
     return [AdapterUnit(u["name"], u["block"], {}) for u in report["units"]]
 
 
-def replay(report: dict, policy: str, tau: float) -> dict[str, int]:
-    """Unit name → step it would freeze at, under ``policy`` and ``tau`` on the report's scores."""
+def replay(report: dict, policy: str, tau: float, min_trainable: int | None = None) -> dict[str, int]:
+    """Unit name → step it would freeze at, under ``policy`` and ``tau`` on the report's scores.
+
+    ``min_trainable`` defaults to the run's own (as decided for its model; reports before it was
+    ``auto`` hold only the number they were given).
+    """
     safe = report["safe_config"]
+    if min_trainable is None:
+        min_trainable = report["summary"].get("min_trainable", safe["min_trainable"])
     units = report_units(report)
     scores = {u["name"]: dict(u["scores"]) for u in report["units"]}
     steps = sorted({step for history in scores.values() for step in history})
@@ -45,7 +51,7 @@ def replay(report: dict, policy: str, tau: float) -> dict[str, int]:
     for step in steps:
         now = {name: history[step] for name, history in scores.items()}  # frozen units: their last score
         bar = threshold(step, report["warmup_steps"], tau, safe["schedule"])
-        budget = max(0, len(units) - len(frozen) - safe["min_trainable"])
+        budget = max(0, len(units) - len(frozen) - min_trainable)
         for name in choose_units(units, frozen, now, bar, budget, policy, safe["resource_weight"]):
             frozen[name] = step
     return frozen
@@ -75,6 +81,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("reports", nargs="+", type=Path)
     parser.add_argument("--rules", nargs="+", default=["threshold=0.1", "prefix=0.3", "prefix=0.5", "prefix=0.7"])
+    parser.add_argument("--min-trainable", type=int, help="replay with this many units kept trainable (default: the run's)")
     parser.add_argument("--quantile-of", metavar="UNIT", help="print only this unit's rank quantile per measurement")
     args = parser.parse_args()
     if args.quantile_of:
@@ -89,7 +96,7 @@ def main() -> None:
         report = json.loads(path.read_text())
         cells = []
         for policy, tau in rules:
-            frozen = replay(report, policy, tau)
+            frozen = replay(report, policy, tau, args.min_trainable)
             depth, memory = prefix_memory(report, frozen)
             first = min(frozen.values(), default=None)
             cells.append(f"{len(frozen)} units from step {first}, prefix {depth}, ~{memory:.2f}×" if frozen else "none")

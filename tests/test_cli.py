@@ -86,3 +86,12 @@ def test_bad_arguments_exit_nonzero_with_one_line(tmp_path, capsys, argv, messag
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
     assert not out.exists() or not any(out.iterdir())
+
+
+@pytest.mark.parametrize("command", ["train", "compare", "bench", "plot", "landscape", "export-model"])
+def test_every_command_prints_its_help(command, capsys):
+    """--help renders every option's text (argparse expands '%' in help strings: one stray '%' breaks it)."""
+    with pytest.raises(SystemExit) as stop:
+        main([command, "--help"])
+    assert stop.value.code == 0
+    assert f"usage: safefreeze {command}" in capsys.readouterr().out

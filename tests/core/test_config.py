@@ -1,6 +1,8 @@
+import math
+
 import pytest
 
-from safefreeze.core.config import AUTO, ConfigError, SafeConfig
+from safefreeze.core.config import AUTO, DECODER_TRAINABLE_SHARE, ConfigError, SafeConfig
 from safefreeze.core.freezer import SafeFreezer
 from safefreeze.training.models import add_lora
 
@@ -82,3 +84,17 @@ def test_auto_policy_and_tau_are_decided_by_the_architecture(lora_minilm, tiny_l
         0.3,
     )
     assert config.policy == AUTO
+
+
+def test_auto_min_trainable_keeps_a_share_of_a_decoder_and_one_unit_of_an_encoder(lora_minilm, tiny_llama):
+    """On a decoder the top DECODER_TRAINABLE_SHARE of the units (rounded up) never freeze; on an encoder one."""
+    decoder = add_lora(tiny_llama(num_hidden_layers=5), "causal_lm", 4, 8, 0.0)
+    assert SafeConfig().min_trainable == AUTO
+    assert SafeConfig().for_model(decoder).min_trainable == math.ceil(DECODER_TRAINABLE_SHARE * 5)
+    assert SafeConfig(granularity="module").for_model(decoder).min_trainable == math.ceil(
+        DECODER_TRAINABLE_SHARE * 5 * 2  # PEFT's default LoRA on Llama: q_proj and v_proj in each block
+    )
+    assert SafeConfig().for_model(lora_minilm()).min_trainable == 1
+    assert SafeConfig(min_trainable=0).for_model(decoder).min_trainable == 0  # a number is kept
+    with pytest.raises(ConfigError, match="min_trainable must be an integer >= 0 or 'auto'"):
+        SafeConfig(min_trainable="half")

@@ -51,7 +51,9 @@ def _rank(rank: int, port: int, directory: str, score_on: str) -> None:
     fully_shard(model)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     probe = {"input_ids": torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(99))}
-    safe = SafeConfig(tau=1.0, policy="threshold", warmup_steps=4, score_every=2, smoothing=0.0, score_on=score_on)
+    safe = SafeConfig(
+        tau=1.0, policy="threshold", warmup_steps=4, score_every=2, smoothing=0.0, score_on=score_on, min_trainable=1
+    )
     if score_on == "probe":
         freezer = SafeFreezer(model, safe, optimizer, probe=probe)
     else:

@@ -4,7 +4,7 @@ from dataclasses import fields
 import pytest
 import torch
 
-from safefreeze.core.config import SafeConfig
+from safefreeze.core.config import DECODER_TRAINABLE_SHARE, SafeConfig
 from safefreeze.training.records import METRICS_NAME, StepRecord, read_metrics
 from safefreeze.training.train import TrainConfig, train
 
@@ -39,8 +39,10 @@ def test_causal_lm_on_smollm2_reports_perplexity():
     assert list(report["eval"]) == ["perplexity", "loss"]
     assert math.isclose(report["eval"]["perplexity"], math.exp(report["eval"]["loss"]))
     assert report["summary"]["total_units"] == 30
-    assert report["summary"]["frozen_units"] == 29  # τ = 1 at the end of the warm-up: all but the top unit
-    # Backward now stops at the one trainable block, wherever CKA put it.
+    # τ = 1 at the end of the warm-up freezes all but min_trainable, on a decoder by default the top share of units.
+    keep = math.ceil(DECODER_TRAINABLE_SHARE * 30)
+    assert (report["summary"]["min_trainable"], report["summary"]["frozen_units"]) == (keep, 30 - keep)
+    # Backward now stops at the lowest trainable block, wherever CKA put it.
     assert report["steps"][-1]["activation_bytes"] < report["steps"][0]["activation_bytes"]
 
 

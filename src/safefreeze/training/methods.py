@@ -49,7 +49,7 @@ def scored_strategy(config, safe: SafeConfig, model: nn.Module, total_steps: int
 def planned_strategy(config, safe: SafeConfig, model: nn.Module, total_steps: int, probe) -> PlannedStrategy:
     """A baseline: the plan of ``config.method`` (baselines.py); nothing is scored, so no probe is drawn."""
     units = find_units(model, safe.granularity)
-    return PlannedStrategy(baseline_plan(config, safe, units, total_steps), units)
+    return PlannedStrategy(baseline_plan(config, safe.for_model(model), units, total_steps), units)
 
 
 @dataclass(frozen=True)

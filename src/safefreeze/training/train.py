@@ -556,6 +556,7 @@ def build_report(run: Run, evaluation: dict[str, float]) -> dict:
             "why_no_saving": freezer.why_no_saving() if freezer else None,
             "policy": freezer.config.policy if freezer else None,  # "auto" decided for the model (SafeConfig.for_model)
             "tau": freezer.config.tau if freezer else None,
+            "min_trainable": freezer.config.min_trainable if freezer else None,
             "total_units": len(run.units),
             "trainable_parameters_end": accounting.trainable_parameters(model),
             "optimizer_state_bytes_end": accounting.optimizer_state_bytes(run.optimizer),
