@@ -81,7 +81,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("reports", nargs="+", type=Path)
     parser.add_argument("--rules", nargs="+", default=["threshold=0.1", "prefix=0.3", "prefix=0.5", "prefix=0.7"])
-    parser.add_argument("--min-trainable", type=int, help="replay with this many units kept trainable (default: the run's)")
+    parser.add_argument("--min-trainable", type=int, help="units kept trainable (default: the run's own)")
     parser.add_argument("--quantile-of", metavar="UNIT", help="print only this unit's rank quantile per measurement")
     args = parser.parse_args()
     if args.quantile_of:
