@@ -325,29 +325,30 @@ def test_why_no_saving_under_prefix_names_the_lowest_unit(lora_minilm, trec_batc
     )
 
 
-def test_why_no_saving_blames_min_trainable_when_every_unit_is_kept(lora_minilm, trec_batch):
+@pytest.mark.parametrize(
+    ("settings", "line"),
+    [
+        # every unit kept trainable: the option to lower is --min-trainable, not --tau
+        (
+            {"min_trainable": 6},
+            "SAFE froze nothing: min_trainable=6 keeps all 6 units trainable; lower --min-trainable",
+        ),
+        # one measurement in the whole warm-up only starts the average: the line says so, not "raise --tau"
+        (
+            {"smoothing": 0.5},
+            "SAFE froze nothing: it measured once (step 2), and with smoothing on a first reading only starts the "
+            "average; lengthen the warm-up (--warmup-ratio) or set --smoothing 0",
+        ),
+    ],
+    ids=["min_trainable_keeps_every_unit", "single_reading_under_smoothing"],
+)
+def test_why_no_saving_names_what_held_back_units_under_the_bar(lora_minilm, trec_batch, settings, line):
     model = lora_minilm()
     _perturb_adapters(model)
-    config = SafeConfig(tau=1.0, schedule="constant", warmup_steps=2, score_every=2, min_trainable=6)
+    config = SafeConfig(tau=1.0, schedule="constant", warmup_steps=2, score_every=2, **settings)
     freezer = SafeFreezer(model, config, probe=_probe(trec_batch))
     assert freezer.step(2).frozen_now == ()
-    assert (
-        freezer.why_no_saving()
-        == "SAFE froze nothing: min_trainable=6 keeps all 6 units trainable; lower --min-trainable"
-    )
-
-
-def test_why_no_saving_names_a_single_reading_under_smoothing(lora_minilm, trec_batch):
-    """One measurement in the whole warm-up only starts the average: the line says so, not "raise --tau"."""
-    model = lora_minilm()
-    _perturb_adapters(model)
-    config = SafeConfig(tau=1.0, schedule="constant", warmup_steps=2, score_every=2, smoothing=0.5)
-    freezer = SafeFreezer(model, config, probe=_probe(trec_batch))
-    assert freezer.step(2).frozen_now == ()
-    assert freezer.why_no_saving() == (
-        "SAFE froze nothing: it measured once (step 2), and with smoothing on a first reading only starts the "
-        "average; lengthen the warm-up (--warmup-ratio) or set --smoothing 0"
-    )
+    assert freezer.why_no_saving() == line
 
 
 def test_why_no_saving_is_silent_for_planned_baselines(lora_minilm):
