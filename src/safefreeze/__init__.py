@@ -8,22 +8,17 @@ loss.backward(); optimizer.step(); event = freezer.step(global_step)  # a Freeze
 or, in a transformers Trainer: ``Trainer(..., callbacks=[SafeCallback(SafeConfig())])``.
 
 The algorithm (``safefreeze.core``) is imported here; the Trainer integration, which pulls in
-transformers' training machinery, is imported on first use of ``SafeCallback``.
+transformers' training machinery, is imported on first use of ``SafeCallback``. Importing safefreeze
+imports neither PEFT nor bitsandbytes (whose CPU backend loads hub kernels and warns about them):
+it prints nothing.
 """
 
-import logging
-
-# bitsandbytes' CPU backend warns when it is imported (peft imports it) that the optional `kernels` package for
-# faster 4-bit *inference* on CPU is missing. It concerns no training, and would be the first stderr line of every
-# CLI run (one line per problem); the package is imported first by `safefreeze` and `python -m safefreeze.cli`.
-logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
-
-from safefreeze.core.checkpointing import take_over_checkpointing  # noqa: E402
-from safefreeze.core.cka import linear_cka  # noqa: E402
-from safefreeze.core.config import ConfigError, SafeConfig  # noqa: E402
-from safefreeze.core.freezer import FreezeEvent, SafeFreezer  # noqa: E402
-from safefreeze.core.schedule import threshold  # noqa: E402
-from safefreeze.core.units import AdapterUnit, find_units  # noqa: E402
+from safefreeze.core.checkpointing import take_over_checkpointing
+from safefreeze.core.cka import linear_cka
+from safefreeze.core.config import ConfigError, SafeConfig
+from safefreeze.core.freezer import FreezeEvent, SafeFreezer
+from safefreeze.core.schedule import threshold
+from safefreeze.core.units import AdapterUnit, find_units
 
 _INTEGRATIONS = {"SafeCallback"}
 

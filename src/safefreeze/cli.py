@@ -19,7 +19,6 @@ import errno
 import json
 import os
 import sys
-import warnings
 from dataclasses import MISSING, asdict, fields, replace
 from pathlib import Path
 
@@ -27,11 +26,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # bundled and local models only: n
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from safefreeze.core.config import ConfigError, SafeConfig  # noqa: E402
-from safefreeze.training import checkpoint, distributed  # noqa: E402
+from safefreeze.training import checkpoint, distributed, runlog  # noqa: E402
 from safefreeze.training.config import GROUPS, TrainConfig  # noqa: E402
 from safefreeze.training.configfile import read_options, value_type  # noqa: E402
 from safefreeze.training.faults import TrainingHalted  # noqa: E402
-from safefreeze.training.train import run_identity  # noqa: E402
 
 # The option groups of --help and of a config file's sections: TrainConfig's, then SAFE's.
 OPTION_GROUPS = {**{group.section: group for group in GROUPS}, "safe": SafeConfig}
@@ -216,6 +214,7 @@ def _run(config: TrainConfig, safe: SafeConfig, out: Path, quiet: bool, checkpoi
     from safefreeze.analysis.report import write_run
     from safefreeze.training.train import train
 
+    runlog.write_into(out)
     result = train(_placed(config, out), safe, progress=not quiet, checkpoints=checkpoints, out=out)
     if distributed.Group.from_env().is_main:
         write_run(out, result.report, result.model, result.freezer)
@@ -224,6 +223,7 @@ def _run(config: TrainConfig, safe: SafeConfig, out: Path, quiet: bool, checkpoi
 
 def command_train(args: argparse.Namespace) -> None:
     from safefreeze.analysis.report import check_out_dir, primary_score, render_run
+    from safefreeze.training.train import run_identity
 
     if any(value is not None and value < 1 for value in (args.save_every, args.keep_checkpoints)):
         raise ConfigError("--save-every and --keep-checkpoints must be >= 1")
@@ -303,6 +303,7 @@ def command_bench(args: argparse.Namespace) -> None:
         + ([f"--methods {args.methods}"] if args.methods else [])
     )
     methods = args.methods.split(",") if args.methods else None
+    runlog.write_into(out)
     run_bench(preset, out, tasks, progress=not args.quiet, command=command, seeds=args.seeds, methods=methods)
     plot(out)
     print((out / "results.md").read_text().split(f"\n{PLOTS_HEADING}")[0])
@@ -348,11 +349,6 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     say = distributed.Group.from_env().is_main  # every rank fails alike; one of them speaks
     try:
-        import transformers
-
-        transformers.logging.set_verbosity_error()
-        transformers.logging.disable_progress_bar()
-        warnings.filterwarnings("ignore", category=FutureWarning)  # deprecation chatter from dependencies
         commands = {
             "train": command_train,
             "compare": command_compare,
@@ -361,7 +357,8 @@ def main(argv: list[str] | None = None) -> int:
             "landscape": command_landscape,
             "export-model": command_export_model,
         }
-        commands[args.command](args)
+        with runlog.third_party_logs():  # other libraries' warnings go to run.log, not the terminal
+            commands[args.command](args)
         distributed.teardown()
     except ConfigError as error:
         return _fail(f"error: {error}", 2, say)

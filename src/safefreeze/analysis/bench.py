@@ -26,7 +26,7 @@ import statistics
 import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from peft import PeftModel
@@ -262,7 +262,7 @@ def render_table(table: list[dict]) -> str:
 def write_results(out: Path, preset_name: str, rows: list[dict], command: str) -> list[dict]:
     """results.json, results.csv and results.md in ``out``; returns the aggregate table."""
     table = aggregate(rows)
-    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     (out / "results.json").write_text(
         json.dumps({"preset": preset_name, "command": command, "date": stamp, "cells": rows, "table": table}, indent=1)
     )

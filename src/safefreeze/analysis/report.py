@@ -20,6 +20,7 @@ from safefreeze.core.state import write_state
 from safefreeze.training import checkpoint
 from safefreeze.training.outputs import write_atomically
 from safefreeze.training.records import METRICS_NAME
+from safefreeze.training.runlog import LOG_NAME
 
 MIB = 2**20
 
@@ -35,8 +36,12 @@ def check_out_dir(out: Path, identity: dict | None = None, overwrite: bool = Fal
     checkpoints = checkpoint.listing(out / checkpoint.CHECKPOINT_DIR)
     finished = out / "report.json"
     if out.is_dir() and any(out.iterdir()):
-        # A run stopped before its first checkpoint leaves only its metrics: nothing to resume, a new run replaces them.
-        started_only = not (finished.exists() or checkpoints) and [p.name for p in out.iterdir()] == [METRICS_NAME]
+        # A run stopped before its first checkpoint leaves only its metrics (and run.log): nothing to resume, a new
+        # run replaces them.
+        held = {p.name for p in out.iterdir()}
+        started_only = (
+            not (finished.exists() or checkpoints) and METRICS_NAME in held and held <= {METRICS_NAME, LOG_NAME}
+        )
         if not (finished.exists() or checkpoints or started_only or (out / "comparison.json").exists()):
             raise ConfigError(
                 f"--out {out} already holds files that are not a safefreeze run; choose an empty directory"
@@ -91,7 +96,7 @@ def write_run(out: Path, report: dict, model=None, freezer=None) -> None:
     """Write report.json, report.md and the trained adapter (``adapter/``) or model (``model/``).
 
     With a ``freezer``, SAFE's state goes beside the adapter as ``adapter/safe_state.json``.
-    The run's checkpoints (``checkpoints/``) and ``metrics.jsonl`` stay.
+    The run's checkpoints (``checkpoints/``), ``metrics.jsonl`` and ``run.log`` stay.
     """
 
     def fill(staging: Path) -> None:
@@ -104,7 +109,7 @@ def write_run(out: Path, report: dict, model=None, freezer=None) -> None:
         if freezer is not None:
             write_state(freezer, staging / "adapter")
 
-    write_atomically(out, fill, keep=(checkpoint.CHECKPOINT_DIR, METRICS_NAME))
+    write_atomically(out, fill, keep=(checkpoint.CHECKPOINT_DIR, METRICS_NAME, LOG_NAME))
 
 
 def primary_score(report: dict) -> tuple[str, float]:

@@ -18,7 +18,6 @@ merged branch is gone (its expectation is unchanged), and the base weight holds
 from __future__ import annotations
 
 import torch
-from peft.tuners.lora import LoraLayer
 
 from safefreeze.core.config import ConfigError
 from safefreeze.core.units import AdapterUnit
@@ -26,6 +25,8 @@ from safefreeze.core.units import AdapterUnit
 
 def check_mergeable(units: list[AdapterUnit]) -> None:
     """Raise ``ConfigError`` unless every module of every unit is LoRA on a float base weight."""
+    from peft.tuners.lora import LoraLayer  # here, not at import: PEFT imports bitsandbytes (units.py)
+
     for unit in units:
         for name, module in unit.modules.items():
             if not isinstance(module, LoraLayer):

@@ -16,6 +16,7 @@ Token rows that are padding are dropped before CKA.
 from __future__ import annotations
 
 import re
+import sys
 import time
 from collections import defaultdict
 from collections.abc import Iterator
@@ -23,7 +24,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from safefreeze.core.cka import linear_cka
@@ -44,8 +44,14 @@ class AdapterLayer(nn.Module):
 
 
 def is_adapter_module(module: nn.Module) -> bool:
-    """Whether SAFE treats this module as an adapter (a PEFT tuner layer or an ``AdapterLayer``)."""
-    return isinstance(module, (BaseTunerLayer, AdapterLayer)) and hasattr(module, "base_layer")
+    """Whether SAFE treats this module as an adapter (a PEFT tuner layer or an ``AdapterLayer``).
+
+    PEFT is looked up, not imported: a PEFT layer exists only once PEFT was imported, and importing it
+    here would import bitsandbytes (and its hub kernels) into every ``import safefreeze``.
+    """
+    tuners = sys.modules.get("peft.tuners.tuners_utils")
+    kinds = (AdapterLayer, tuners.BaseTunerLayer) if tuners is not None else (AdapterLayer,)
+    return isinstance(module, kinds) and hasattr(module, "base_layer")
 
 
 def block_index(name: str) -> int | None:

@@ -39,10 +39,7 @@ def read_mapping(path: Path, flag: str = "--config") -> dict:
 
         parse, error_type = yaml.safe_load, yaml.YAMLError
     elif path.suffix == ".toml":
-        try:
-            import tomllib
-        except ImportError:  # Python 3.10
-            import tomli as tomllib
+        import tomllib
 
         parse, error_type = tomllib.loads, tomllib.TOMLDecodeError
     else:
