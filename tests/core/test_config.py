@@ -98,3 +98,14 @@ def test_auto_min_trainable_keeps_a_share_of_a_decoder_and_one_unit_of_an_encode
     assert SafeConfig(min_trainable=0).for_model(decoder).min_trainable == 0  # a number is kept
     with pytest.raises(ConfigError, match="min_trainable must be an integer >= 0 or 'auto'"):
         SafeConfig(min_trainable="half")
+
+
+def test_from_dict_refuses_an_unknown_key_naming_the_closest():
+    """A typo must not train with the defaults, silently: the error names the setting that was meant."""
+    assert SafeConfig.from_dict({"tau": 0.2}).tau == 0.2
+    with pytest.raises(ConfigError, match=r"unknown SAFE setting 'taux'; did you mean 'tau'\?"):
+        SafeConfig.from_dict({"taux": 0.2})
+    with pytest.raises(ConfigError, match=r"'warmup_step'; did you mean 'warmup_steps'\?"):
+        SafeConfig.from_dict({"tau": 0.2, "warmup_step": 10})
+    with pytest.raises(ConfigError, match=r"unknown SAFE setting 'zzz'; known settings: tau, "):
+        SafeConfig.from_dict({"zzz": 1})
