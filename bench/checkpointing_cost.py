@@ -3,7 +3,7 @@
 Three plans train the same LoRA model (the reference loop's defaults: r 8, alpha 16,
 dropout 0.1, batch 32, 64 tokens) from the same initialisation on the same batches:
 ``none``, ``all`` (every block checkpointed) and ``budget`` (the fewest blocks that keep
-the worst-case batch's peak under half of ``none``'s, memory_budget.py). Their steps are
+the worst-case batch's peak under half of ``none``'s, memory/budget.py). Their steps are
 interleaved (none, all, budget, none, ...) so the shared machine's load falls on each
 alike. Per plan: median seconds per step, the accounted activation peak (live saved
 bytes, recomputation included) and the forward's saved bytes over the steps, FLOPs of
@@ -24,10 +24,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from safefreeze.core import accounting  # noqa: E402
-from safefreeze.core.checkpointing import checkpoint_blocks  # noqa: E402
+from safefreeze.memory import accounting  # noqa: E402
+from safefreeze.memory.budget import longest_batch, measure_block_costs  # noqa: E402
+from safefreeze.memory.recompute import checkpoint_blocks  # noqa: E402
 from safefreeze.training.data import Collator, encode, epoch_order, iterate_batches, load_task  # noqa: E402
-from safefreeze.training.memory_budget import longest_batch, measure_block_costs  # noqa: E402
 from safefreeze.training.models import add_lora, load_model, load_tokenizer, resolve_model  # noqa: E402
 
 MIB = 2**20

@@ -24,9 +24,9 @@ LoRA and perplexity.
     OMP_NUM_THREADS=1 .venv/bin/python bench/decoder_study.py runs --steps 150 \\
         --settings "" "score_rows=no_first" "normalise=rank"
 
-The diagnostics ride on the reference loop by handing it a ``SafeFreezer`` subclass that
-measures before each of its decisions (``StudyFreezer``); they use only the freezer's public
-attributes (``model``, ``units``, ``probe``, ``is_due``, ``step``).
+The diagnostics ride on the reference loop as its injected ``before_decision`` measurement
+(``Study``): called before each of SAFE's decisions with the run's ``SafeSession``, they use
+only its public attributes (``model``, ``units``, ``config``, ``probe()``).
 """
 
 from __future__ import annotations
@@ -43,10 +43,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-import safefreeze.training.train as train_module  # noqa: E402
 from safefreeze.core.cka import linear_cka  # noqa: E402
 from safefreeze.core.config import SafeConfig  # noqa: E402
-from safefreeze.core.freezer import SafeFreezer  # noqa: E402
 from safefreeze.core.units import block_index  # noqa: E402
 from safefreeze.training.train import TrainConfig, train  # noqa: E402
 
@@ -123,18 +121,19 @@ def diagnose(model, units, probe: dict, max_rows: int = 1024, seed: int = 0) -> 
     return out
 
 
-class StudyFreezer(SafeFreezer):
-    """A ``SafeFreezer`` that records ``diagnose`` before each of its decisions (in ``self.study``)."""
+class Study:
+    """Records ``diagnose`` on SAFE's probe before each of the session's decisions (``train(before_decision=)``)."""
 
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.study: list[dict] = []
+    def __init__(self) -> None:
+        self.entries: list[dict] = []
+        self._probe: dict | None = None
 
-    def step(self, global_step: int):
-        if self.is_due(global_step):
-            modules = diagnose(self.model, self.units, self.probe, self.config.probe_rows, self.config.seed)
-            self.study.append({"step": global_step, "modules": modules})
-        return super().step(global_step)
+    def __call__(self, session, step: int) -> None:
+        if self._probe is None:
+            self._probe = session.probe()
+        config = session.config
+        modules = diagnose(session.model, session.units, self._probe, config.probe_rows, config.seed)
+        self.entries.append({"step": step, "modules": modules})
 
 
 def _train_config(args, **overrides) -> TrainConfig:
@@ -233,11 +232,11 @@ def modules_study(args) -> None:
     if path.exists():
         study = json.loads(path.read_text())
     else:
-        train_module.SafeFreezer = StudyFreezer  # the loop builds its freezer from this name
+        recorder = Study()
         safe = SafeConfig(tau=0.0, warmup_steps=args.steps, score_every=args.score_every, smoothing=0.0, seed=args.seed)
-        result = train(_train_config(args), safe, progress=False)
+        result = train(_train_config(args), safe, progress=False, before_decision=recorder)
         history = result.freezer.history
-        study = result.freezer.study
+        study = recorder.entries
         for entry in study:
             entry["safe_scores"] = {name: dict(points)[entry["step"]] for name, points in history.items()}
         path.parent.mkdir(parents=True, exist_ok=True)

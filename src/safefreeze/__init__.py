@@ -1,9 +1,10 @@
 """safefreeze: SAFE, selective adapter freezing for memory- and compute-efficient fine-tuning.
 
-from safefreeze import SafeConfig, SafeFreezer
-freezer = SafeFreezer(peft_model, SafeConfig(), optimizer, probe=batch, total_steps=n)
+from safefreeze import SafeConfig, SafeSession
+session = SafeSession(peft_model, SafeConfig(), optimizer, total_steps=n)
+session.begin()
 ...
-loss.backward(); optimizer.step(); event = freezer.step(global_step)  # a FreezeEvent or None
+session.before_forward(step); loss.backward(); optimizer.step(); event = session.after_step(step)  # or None
 
 or, in a transformers Trainer: ``Trainer(..., callbacks=[SafeCallback(SafeConfig())])``.
 
@@ -13,12 +14,13 @@ imports neither PEFT nor bitsandbytes (whose CPU backend loads hub kernels and w
 it prints nothing.
 """
 
-from safefreeze.core.checkpointing import take_over_checkpointing
 from safefreeze.core.cka import linear_cka
 from safefreeze.core.config import ConfigError, SafeConfig
 from safefreeze.core.freezer import FreezeEvent, SafeFreezer
 from safefreeze.core.schedule import threshold
 from safefreeze.core.units import AdapterUnit, find_units
+from safefreeze.memory.recompute import take_over_checkpointing
+from safefreeze.session import SafeSession
 
 _INTEGRATIONS = {"SafeCallback"}
 
@@ -29,6 +31,7 @@ __all__ = [
     "SafeCallback",
     "SafeConfig",
     "SafeFreezer",
+    "SafeSession",
     "find_units",
     "linear_cka",
     "take_over_checkpointing",

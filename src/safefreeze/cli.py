@@ -27,7 +27,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from safefreeze.core.config import ConfigError, SafeConfig  # noqa: E402
 from safefreeze.training import checkpoint, distributed, runlog  # noqa: E402
-from safefreeze.training.config import GROUPS, TrainConfig  # noqa: E402
+from safefreeze.training.config import GROUPS, TrainConfig, flag  # noqa: E402
 from safefreeze.training.configfile import read_options, value_type  # noqa: E402
 from safefreeze.training.faults import TrainingHalted  # noqa: E402
 
@@ -67,11 +67,11 @@ def _add_dataclass_options(parser: argparse.ArgumentParser, cls, title: str, ski
             continue
         default = None if f.default is MISSING else f.default
         help_text = f.metadata.get("help", "") + (f" (default: {default})" if default is not None else "")
-        flag = f"--{f.name.replace('_', '-')}"
+        option = flag(f.name)
         if str(f.type) == "bool":  # a switch: given means True, absent keeps the dataclass default
-            group.add_argument(flag, dest=f.name, action="store_true", default=None, help=help_text)
+            group.add_argument(option, dest=f.name, action="store_true", default=None, help=help_text)
             continue
-        group.add_argument(flag, dest=f.name, type=_option_type(str(f.type)), default=None, help=help_text)
+        group.add_argument(option, dest=f.name, type=_option_type(str(f.type)), default=None, help=help_text)
 
 
 def _from_args(cls, args: argparse.Namespace, **extra):
@@ -91,6 +91,23 @@ def build_parser() -> argparse.ArgumentParser:
         prog="safefreeze", description="Selective adapter freezing (SAFE) for fine-tuning language models."
     )
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    _add_run_commands(commands)
+    _add_bench(commands)
+    plot = commands.add_parser(
+        "plot", help="draw PNG plots of a run, compare or bench directory into it", description="Draw PNG plots."
+    )
+    plot.add_argument("directory", type=Path, help="a run, compare or bench directory; the plots are written into it")
+    _add_landscape(commands)
+    export = commands.add_parser(
+        "export-model", help="write a bundled model or a .gguf file as a plain transformers folder with its tokenizer"
+    )
+    export.add_argument("model", help="a bundled model (smollm2, minilm), a .gguf file or a model directory")
+    export.add_argument("directory", type=Path, help="the folder to create (new or empty)")
+    return parser
+
+
+def _add_run_commands(commands) -> None:
+    """``train`` and ``compare``: every training option, from a config file or flags; ``train``'s checkpoints."""
     train = commands.add_parser("train", help="train one run and write DIR/report.json, report.md, adapter/")
     compare = commands.add_parser(
         "compare", help="train lora and safe with the same seed and data, print a side-by-side table"
@@ -118,6 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume", type=Path, default=None, help="continue from a checkpoint, a run's checkpoints/ or its --out"
     )
     runs.add_argument("--overwrite", action="store_true", help="replace a different run already in --out")
+
+
+def _add_bench(commands) -> None:
     bench = commands.add_parser(
         "bench", help="run (or resume) the benchmark grid of methods x tasks x seeds; write results.{json,csv,md}"
     )
@@ -138,8 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--methods", default=None, help="comma-separated subset of the methods, to split a long grid into pieces"
     )
     bench.add_argument("--quiet", action="store_true", help="no progress bars")
-    plot = commands.add_parser("plot", help="draw PNG plots of a run, compare or bench directory into it")
-    plot.add_argument("directory", type=Path)
+
+
+def _add_landscape(commands) -> None:
     landscape = commands.add_parser(
         "landscape", help="loss surfaces, Hessian sharpness and adapter norms of a run (or of every run in a dir)"
     )
@@ -151,12 +172,6 @@ def build_parser() -> argparse.ArgumentParser:
     landscape.add_argument("--examples", type=int, default=32, help="fixed training examples the loss is taken on")
     landscape.add_argument("--iterations", type=int, default=30, help="power-iteration steps for the top eigenvalue")
     landscape.add_argument("--scope", default="all", help="adapter parameters: all units, or only those trainable")
-    export = commands.add_parser(
-        "export-model", help="write a bundled model or a .gguf file as a plain transformers folder with its tokenizer"
-    )
-    export.add_argument("model", help="a bundled model (smollm2, minilm), a .gguf file or a model directory")
-    export.add_argument("directory", type=Path, help="the folder to create (new or empty)")
-    return parser
 
 
 def apply_config_file(args: argparse.Namespace) -> int | None:

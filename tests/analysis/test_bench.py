@@ -11,7 +11,7 @@ import pytest
 from safefreeze.analysis import bench
 from safefreeze.analysis.bench import Preset, aggregate, load_preset, plan_cells, render_table, run_bench
 from safefreeze.core.config import ConfigError
-from safefreeze.training.memory_budget import parse_size
+from safefreeze.memory.budget import parse_size
 from safefreeze.training.methods import METHODS, TRAINING_METHODS
 from safefreeze.training.train import RunResult
 
@@ -203,7 +203,7 @@ def test_bench_methods_are_the_method_table():
         "lora+budget",
     }
     assert all(row.base == name.split("+")[0].split("-")[0] for name, row in variants.items())
-    assert all(row.strategy is None for row in variants.values())
+    assert all(row.freezing is None for row in variants.values())
     assert {name: row.lora_budget for name, row in METHODS.items() if row.lora_budget} == {
         "lora+budget": 0.5,
         "safe+budget": 0.5,

@@ -1,13 +1,14 @@
 import pytest
 import torch
 
-from safefreeze.core import accounting
-from safefreeze.core.accounting import record_saved_tensors
 from safefreeze.core.config import ConfigError, SafeConfig
 from safefreeze.core.decisions import PlannedStrategy
 from safefreeze.core.freezer import SafeFreezer
 from safefreeze.core.schedule import threshold
 from safefreeze.core.units import find_blocks, find_units
+from safefreeze.memory import accounting
+from safefreeze.memory.accounting import record_saved_tensors
+from safefreeze.training.config import flag
 from safefreeze.training.models import add_lora, load_model, resolve_model
 
 
@@ -294,18 +295,20 @@ def test_why_no_saving_names_the_unit_in_the_way_and_the_option(lora_minilm, tre
     assert event.frozen_now == ()
     least = min(event.scores, key=event.scores.get)
     assert event.scores[least] > 0.001
-    assert freezer.why_no_saving() == (
+    why = freezer.why_no_saving()
+    assert (why.reason, why.unit, why.score, why.threshold) == ("above_bar", least, event.scores[least], 0.001)
+    assert why.sentence(lambda name: f"--{name}") == (
         f"SAFE froze nothing: at its last measurement (step 2) the least important unit, {least}, scored "
         f"{event.scores[least]:.3f} against a threshold of 0.001; "
         f"set --tau above {event.scores[least]:.3f} to freeze it"
     )
     freezer.freeze(["block.3"], 3)  # units frozen, but not the bottom block: backward is as long
     later = freezer.step(4)
-    line = freezer.why_no_saving()
+    line = freezer.why_no_saving().sentence()
     assert line.startswith(
         f"SAFE froze 1 of 6 units but not block.0 in the bottom block (score {later.scores['block.0']:.3f}"
     )
-    assert "--policy prefix" in line and "step 4" in line
+    assert "policy prefix freezes only from the bottom" in line and "step 4" in line
     freezer.freeze(["block.0"], 5)
     assert freezer.why_no_saving() is None  # backward now stops above block 0
 
@@ -318,10 +321,26 @@ def test_why_no_saving_under_prefix_names_the_lowest_unit(lora_minilm, trec_batc
     freezer = SafeFreezer(model, config, probe=_probe(trec_batch))
     event = freezer.step(2)
     assert event.frozen_now == () and event.scores["block.0"] > 0.001
-    assert freezer.why_no_saving() == (
+    assert freezer.why_no_saving().sentence() == (
         f"SAFE froze nothing: at its last measurement (step 2) the lowest unit, block.0, scored "
         f"{event.scores['block.0']:.3f} against a threshold of 0.001; "
-        f"set --tau above {event.scores['block.0']:.3f} to freeze it"
+        f"set tau above {event.scores['block.0']:.3f} to freeze it"
+    )
+
+
+def test_why_no_saving_never_asks_for_a_tau_above_one(lora_minilm, trec_batch):
+    """Under the prefix policy the bottom unit may be the top unit (score 1): no tau in [0, 1] freezes it."""
+    model = lora_minilm()
+    _perturb_adapters(model)
+    config = SafeConfig(tau=0.001, policy="prefix", schedule="constant", warmup_steps=2, score_every=2, smoothing=0.0)
+    freezer = SafeFreezer(model, config, probe=_probe(trec_batch))
+    freezer.step(2)
+    top = max(freezer.events[-1].scores.values())
+    freezer.events[-1].scores["block.0"] = top  # the reading as if block 0 were the top unit
+    line = freezer.why_no_saving().sentence()
+    assert "above 1.000" not in line and "set tau above" not in line
+    assert line.endswith(
+        "was the most important unit (score 1.000); no tau in [0, 1] freezes it, so nothing freezes below it"
     )
 
 
@@ -337,7 +356,7 @@ def test_why_no_saving_under_prefix_names_the_lowest_unit(lora_minilm, trec_batc
         (
             {"smoothing": 0.5},
             "SAFE froze nothing: it measured once (step 2), and with smoothing on a first reading only starts the "
-            "average; lengthen the warm-up (--warmup-ratio) or set --smoothing 0",
+            "average; lengthen the warm-up (--warmup-ratio) or set --smoothing to 0",
         ),
     ],
     ids=["min_trainable_keeps_every_unit", "single_reading_under_smoothing"],
@@ -348,7 +367,7 @@ def test_why_no_saving_names_what_held_back_units_under_the_bar(lora_minilm, tre
     config = SafeConfig(tau=1.0, schedule="constant", warmup_steps=2, score_every=2, **settings)
     freezer = SafeFreezer(model, config, probe=_probe(trec_batch))
     assert freezer.step(2).frozen_now == ()
-    assert freezer.why_no_saving() == line
+    assert freezer.why_no_saving().sentence(flag) == line
 
 
 def test_why_no_saving_is_silent_for_planned_baselines(lora_minilm):

@@ -7,11 +7,11 @@ import torch
 from peft import get_peft_model_state_dict
 from torch import nn
 
-from safefreeze.core import accounting
 from safefreeze.core.config import ConfigError, SafeConfig
 from safefreeze.core.freezer import SafeFreezer
 from safefreeze.core.merge import merge_unit, unmerge_unit
 from safefreeze.core.units import find_units
+from safefreeze.memory import accounting
 from safefreeze.training import train as train_module
 from safefreeze.training.train import TrainConfig, train
 

@@ -20,13 +20,13 @@ import torch
 from transformers import DataCollatorWithPadding, TrainerCallback
 
 from safefreeze import SafeCallback
-from safefreeze.core.accounting import record_saved_tensors
-from safefreeze.core.checkpointing import BlockCheckpoint, checkpointed_blocks
 from safefreeze.core.config import ConfigError
 from safefreeze.core.freezer import input_require_grads_hooks
 from safefreeze.core.units import find_blocks
-from safefreeze.training import activation_plan
-from safefreeze.training.memory_budget import MIB, longest_batch, measure_block_costs, parse_size
+from safefreeze.memory import plan as activation_plan
+from safefreeze.memory.accounting import record_saved_tensors
+from safefreeze.memory.budget import MIB, longest_batch, measure_block_costs, parse_size
+from safefreeze.memory.recompute import BlockCheckpoint, checkpointed_blocks
 
 EXAMPLES = 64
 

@@ -21,7 +21,7 @@ from transformers.training_args import ParallelMode
 
 from safefreeze.core.config import ConfigError
 from safefreeze.integrations.trainer import check_ddp
-from safefreeze.training.memory_budget import parse_size
+from safefreeze.memory.budget import parse_size
 
 SAFE = {"importance": "cka", "tau": 1.0, "warmup_steps": 2, "score_every": 1, "probe_size": 8, "smoothing": 0.0}
 STEPS = 4
@@ -77,8 +77,8 @@ def _rank(rank: int, port: int, directory: str) -> None:
     torch.set_num_threads(1)
     import transformers
 
-    from safefreeze.core.checkpointing import checkpointed_blocks
     from safefreeze.core.config import ConfigError
+    from safefreeze.memory.recompute import checkpointed_blocks
 
     transformers.logging.set_verbosity_error()
     outcome = {}

@@ -26,7 +26,7 @@ def _rank(rank: int, port: int, directory: str) -> None:
     from torch.distributed.fsdp import fully_shard
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from safefreeze.integrations.trainer import is_sharded
+    from safefreeze.session import is_sharded
 
     config = LlamaConfig(
         hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2, vocab_size=64

@@ -68,6 +68,18 @@ def test_adapterdrop_trains_no_adapter_below_k(quick_train):
     assert event.optimizer_bytes_released == 0  # nothing trained yet: no AdamW state to release
 
 
+def test_adapterdrop_late_freezes_the_bottom_blocks_after_step_t(quick_train):
+    """``--drop-at t``: a frontier cell (k, t); the blocks train until step t, then their adapters stay as they were."""
+    result = quick_train("adapterdrop", drop_blocks=2, drop_at=3, lora_dropout=0.0)
+    assert _frozen_steps(result.report) == {f"block.{i}": (3 if i < 2 else None) for i in range(6)}
+    assert [s["frozen_units"] for s in result.report["steps"]] == [0, 0, 2, 2, 2, 2]
+    (event,) = result.freezer.events
+    assert (event.step, event.frozen_now, event.frozen_prefix) == (3, ("block.0", "block.1"), 2)
+    assert event.optimizer_bytes_released > 0  # trained for three steps: AdamW state released
+    with pytest.raises(ConfigError, match="--drop-at 7 is after this run's 6 steps"):
+        quick_train("adapterdrop", drop_blocks=2, drop_at=7)
+
+
 def test_adapterdrop_needs_k(quick_train):
     with pytest.raises(ConfigError, match="drop-blocks"):
         quick_train("adapterdrop")

@@ -127,12 +127,12 @@ def test_resume_with_merge_on_freeze_is_bit_exact(tmp_path, no_eval):
     safe = SafeConfig(tau=0.9, warmup_steps=4, score_every=2, smoothing=0.0, probe_size=8, merge_frozen=True)
     whole = train(config, safe, progress=False, checkpoints=checkpoint.Checkpoints(tmp_path, save_every=3, keep=2))
     state = checkpoint.load(tmp_path / "step-000003.pt")
-    assert state["freezer"]["frozen"]  # merged before the checkpoint, more freezes after it
+    assert state["session"]["freezer"]["frozen"]  # merged before the checkpoint, more freezes after it
     resumed = train(config, safe, progress=False, checkpoints=checkpoint.Checkpoints(resume_from=state))
     assert (
         whole.report["summary"]["merged_units"]
         == resumed.report["summary"]["merged_units"]
-        > len(state["freezer"]["frozen"])
+        > len(state["session"]["freezer"]["frozen"])
     )
     expected, got = whole.model.state_dict(), resumed.model.state_dict()
     assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)

@@ -11,8 +11,8 @@ import torch
 
 from safefreeze import cli
 from safefreeze.core.config import SafeConfig
+from safefreeze.memory.plan import ActivationPlan
 from safefreeze.training import checkpoint
-from safefreeze.training.activation_plan import ActivationPlan
 from safefreeze.training.train import TrainConfig, train
 
 # MiniLM/TREC, dropout on (LoRA's and BERT's own); tau 0.9 freezes blocks 0-4 at step 2 (the prefix grows to 5).
@@ -85,7 +85,7 @@ def test_resume_plans_from_the_saved_costs(budgeted, tmp_path, monkeypatch):
     config = TrainConfig(method="safe", memory_budget=f"{budget}B", **RUN)
     train(config, SAFE, progress=False, checkpoints=checkpoint.Checkpoints(tmp_path, save_every=1, keep=6))
     state = checkpoint.load(tmp_path / "step-000001.pt")  # before the freeze: the plan on the full model
-    assert state["activation_plan"]["costs"] == whole.report["summary"]["block_costs"]
+    assert state["session"]["activation_plan"]["costs"] == whole.report["summary"]["block_costs"]
 
     def measure(*args):
         raise AssertionError("a resumed run measured the costs again")

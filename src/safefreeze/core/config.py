@@ -30,6 +30,7 @@ Fields carry ``metadata={"help": ...}`` like PEFT's configs so that ``safefreeze
 
 from __future__ import annotations
 
+import difflib
 import math
 from dataclasses import asdict, dataclass, field, fields, replace
 
@@ -223,13 +224,44 @@ class SafeConfig:
             return self.smoothing
         return smoothing_per_measurement(self.smoothing_halflife, self.resolve_score_every(warmup_steps), warmup_steps)
 
+    def resolve(self, model: nn.Module, total_steps: int | None) -> SafeConfig:
+        """The configuration a run uses: every ``auto`` decided for ``model`` (``for_model``) and the run length.
+
+        ``warmup_steps``, ``score_every`` and ``smoothing`` become numbers, so what decides is what the
+        run's report and saved state show. Resolving again changes nothing.
+
+        Raises:
+            ConfigError: the warm-up is longer than the run.
+        """
+        config = self.for_model(model)
+        warmup = config.resolve_warmup(total_steps)
+        if total_steps is not None and warmup > total_steps:
+            raise ConfigError(f"warm-up of {warmup} steps is longer than the {total_steps} training steps")
+        return replace(
+            config,
+            warmup_steps=warmup,
+            score_every=config.resolve_score_every(warmup),
+            smoothing=config.resolve_smoothing(warmup),
+        )
+
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict) -> SafeConfig:
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        """The configuration ``data`` spells (``to_dict``'s output, or a user's dict of settings).
+
+        Raises:
+            ConfigError: a key that is no field, naming the closest field: a typo such as ``taux``
+                must not train with the defaults, silently.
+        """
+        known = [f.name for f in fields(cls)]
+        for key in data:
+            if key not in known:
+                close = difflib.get_close_matches(str(key), known, n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else f"; known settings: {', '.join(known)}"
+                raise ConfigError(f"unknown SAFE setting {key!r}{hint}")
+        return cls(**data)
 
 
 def _is_int(value) -> bool:

@@ -32,7 +32,7 @@ from typing import TypeVar
 import torch
 from torch import nn
 
-from safefreeze.core.config import SafeConfig
+from safefreeze.core.config import ConfigError, SafeConfig
 from safefreeze.core.decisions import Decision, DecisionStrategy, ScoredStrategy
 from safefreeze.core.merge import check_mergeable, merge_unit, unmerge_unit
 from safefreeze.core.policy import frozen_prefix
@@ -65,6 +65,63 @@ class FreezeEvent:
     parameters_released: int
     optimizer_bytes_released: int
     scoring_seconds: float = field(default=0.0, compare=False)  # timing: no part of what was decided
+
+
+@dataclass(frozen=True)
+class NoSaving:
+    """Why a run's decisions shortened no backward pass, as values (``SafeFreezer.why_no_saving``).
+
+    ``reason`` is ``"above_bar"`` (the unit in the way scored at or above the threshold),
+    ``"min_trainable"`` (units under the bar, all held back to keep ``min_trainable`` trainable),
+    ``"one_reading"`` (one measurement under smoothing: it only starts the average) or
+    ``"not_bottom"`` (units froze, but not the bottom block's, so backward is no shorter).
+    ``unit`` stands in the way (``which`` says how it was picked), with its last ``score``
+    against ``threshold`` at ``step``; ``frozen`` of ``units`` froze. ``sentence`` words it.
+    """
+
+    reason: str
+    step: int
+    threshold: float
+    frozen: int
+    units: int
+    unit: str
+    score: float
+    which: str = ""
+    min_trainable: int = 0
+
+    def sentence(self, option: Callable[[str], str] = str) -> str:
+        """One line for the user; ``option`` spells a ``SafeConfig`` field the way they set it (CLI: ``--tau``).
+
+        Advice names only settings that exist and values they take: a unit scoring 1 (the top unit)
+        is beyond any ``tau`` in [0, 1], and the line says so instead of asking for one.
+        """
+        tau = option("tau")
+        raise_tau = f"set {tau} above {self.score:.3f}" if self.score < 1.0 else f"no {tau} in [0, 1] freezes it"
+        if self.reason == "not_bottom":
+            return (
+                f"SAFE froze {self.frozen} of {self.units} units but not {self.unit} in the bottom block (score "
+                f"{self.score:.3f} against a threshold of {self.threshold:.3f} at step {self.step}), so backward is "
+                f"no shorter and no activation memory is saved; {option('policy')} prefix freezes only from the "
+                f"bottom" + (f", or {raise_tau}" if self.score < 1.0 else "")
+            )
+        if self.reason == "min_trainable":
+            return (
+                f"SAFE froze nothing: min_trainable={self.min_trainable} keeps all {self.units} units trainable; "
+                f"lower {option('min_trainable')}"
+            )
+        if self.reason == "one_reading":
+            return (
+                f"SAFE froze nothing: it measured once (step {self.step}), and with smoothing on a first reading "
+                f"only starts the average; lengthen the warm-up ({option('warmup_ratio')}) or set "
+                f"{option('smoothing')} to 0"
+            )
+        measured = f"SAFE froze nothing: at its last measurement (step {self.step}) {self.which}, {self.unit},"
+        if self.score < 1.0:
+            against = f"scored {self.score:.3f} against a threshold of {self.threshold:.3f}"
+            return f"{measured} {against}; {raise_tau} to freeze it"
+        return (
+            f"{measured} was the most important unit (score {self.score:.3f}); {raise_tau}, so nothing freezes below it"
+        )
 
 
 def release(unit: AdapterUnit, optimizer: torch.optim.Optimizer | None) -> tuple[int, int]:
@@ -112,8 +169,15 @@ class SafeFreezer:
             that was not watched (``watch``); it may hold ``attention_mask`` to drop padding rows.
         total_steps: the run's optimizer steps, needed when ``warmup_ratio`` sets the warm-up.
         strategy: how to decide (decisions.py); default SAFE's ``ScoredStrategy`` from the above.
+            A strategy brings its own probe and run length: passing ``probe`` or ``total_steps``
+            with it is refused.
+        units: the units, when the caller has found them already (``SafeSession``); else found here.
         decide_on: runs the decision and returns its result to every caller; under DDP
-            ``Group.on_main`` (rank 0 decides, every rank applies). Default: in this process.
+            ``session.on_rank_zero`` (rank 0 decides, every rank applies). Default: in this process.
+
+    Raises:
+        ConfigError: ``probe`` or ``total_steps`` given with a ``strategy``; ``merge_frozen`` on
+            adapters that cannot merge.
     """
 
     def __init__(
@@ -124,13 +188,19 @@ class SafeFreezer:
         probe: dict[str, torch.Tensor] | None = None,
         total_steps: int | None = None,
         strategy: DecisionStrategy | None = None,
+        units: list[AdapterUnit] | None = None,
         decide_on: Callable[[Callable[[], T]], T] = _in_this_process,
     ) -> None:
+        if strategy is not None and (probe is not None or total_steps is not None):
+            raise ConfigError(
+                "SafeFreezer got a strategy and a probe or total_steps, which only SAFE's own strategy uses: "
+                "give them to the strategy (or use SafeSession)"
+            )
         self.model = model
         self.config = config.for_model(model)  # policy and tau decided for this model where "auto"
         self.optimizer = optimizer
         self.probe = probe
-        self.units: list[AdapterUnit] = find_units(model, config.granularity)
+        self.units: list[AdapterUnit] = units if units is not None else find_units(model, config.granularity)
         self.strategy = strategy or ScoredStrategy(model, self.config, self.units, probe, total_steps)
         self.decide_on = decide_on
         self.frozen: dict[str, int] = {}  # unit name -> step it was frozen at
@@ -251,57 +321,38 @@ class SafeFreezer:
                 )
         return problems
 
-    def why_no_saving(self) -> str | None:
-        """One line on why the decisions so far shorten no backward pass, and what would change that.
+    def why_no_saving(self) -> NoSaving | None:
+        """Why the decisions so far shorten no backward pass, and what would change that (``NoSaving``).
 
         None when a bottom block is frozen (backward stops above it), or when nothing was scored
-        (a planned baseline). Otherwise the line names the unit that stands in the way at the last
-        measurement — the least important one when nothing froze, the bottom block's when units
-        froze elsewhere — with its score against the threshold, and the option that moves it (named
-        as on the command line; ``SafeConfig`` has the same fields). A warm-up with a single reading
-        under smoothing decided nothing for that reason alone, and the line says so instead.
+        (a planned baseline). Otherwise it names the unit that stands in the way at the last
+        measurement — the lowest one under the prefix policy, the least important one otherwise when
+        nothing froze, the bottom block's top unit when units froze elsewhere — with its score against
+        the threshold. A warm-up with a single reading under smoothing decided nothing for that reason
+        alone, and units under the bar held back by ``min_trainable`` for that one: those are named instead.
         """
         if self.frozen_prefix() > 0:
             return None
         scored = [event for event in self.events if event.threshold is not None and event.scores]
         if not scored:
             return None
-        last = scored[-1]
-        bar, trainable = last.threshold, self.trainable_units
-        if not self.frozen:
-            if self.config.policy == "prefix":  # bottom-up: the lowest unit stands in the way
-                name, which = trainable[0].name, "the lowest unit"
-            else:
-                name, which = min((u.name for u in trainable), key=last.scores.__getitem__), "the least important unit"
-            score = last.scores[name]
-            if (
-                score < bar
-                and len(scored) == 1
-                and getattr(self.strategy, "smoothing", 0.0) > 0  # a scored strategy's EMA weight
-                and self.config.min_trainable < len(trainable)
-            ):
-                return (
-                    f"SAFE froze nothing: it measured once (step {last.step}), and with smoothing on a first reading "
-                    "only starts the average; lengthen the warm-up (--warmup-ratio) or set --smoothing 0"
-                )
-            if score < bar:
-                return (
-                    f"SAFE froze nothing: min_trainable={self.config.min_trainable} keeps all {len(self.units)} "
-                    "units trainable; lower --min-trainable"
-                )
-            return (
-                f"SAFE froze nothing: at its last measurement (step {last.step}) {which}, {name}, "
-                f"scored {score:.3f} against a threshold of {bar:.3f}; set --tau above {score:.3f} to freeze it"
-            )
-        bottom = min(u.block for u in trainable)
-        name = max((u.name for u in trainable if u.block == bottom), key=last.scores.__getitem__)
+        last, trainable = scored[-1], self.trainable_units
+        common = {"step": last.step, "threshold": last.threshold, "frozen": len(self.frozen), "units": len(self.units)}
+        if self.frozen:
+            bottom = min(u.block for u in trainable)
+            name = max((u.name for u in trainable if u.block == bottom), key=last.scores.__getitem__)
+            return NoSaving("not_bottom", unit=name, score=last.scores[name], **common)
+        if self.config.policy == "prefix":  # bottom-up: the lowest unit stands in the way
+            name, which = trainable[0].name, "the lowest unit"
+        else:
+            name, which = min((u.name for u in trainable), key=last.scores.__getitem__), "the least important unit"
         score = last.scores[name]
-        return (
-            f"SAFE froze {len(self.frozen)} of {len(self.units)} units but not {name} in the bottom block (score "
-            f"{score:.3f} against a threshold of {bar:.3f} at step {last.step}), so backward is no shorter and no "
-            f"activation memory is saved; --policy prefix freezes only from the bottom, or set --tau above "
-            f"{score:.3f}"
+        held = self.config.min_trainable >= len(trainable)
+        one_reading = len(scored) == 1 and getattr(self.strategy, "smoothing", 0.0) > 0  # a scored strategy's EMA
+        reason = (
+            "above_bar" if score >= last.threshold else "one_reading" if one_reading and not held else "min_trainable"
         )
+        return NoSaving(reason, unit=name, which=which, score=score, min_trainable=self.config.min_trainable, **common)
 
     # -- persistence ------------------------------------------------------------------
     def state_dict(self) -> dict:

@@ -79,6 +79,15 @@ def choose_units(
         return chosen
     if policy != "resource":
         raise ValueError(f"unknown policy {policy!r}; choose one of {', '.join(POLICIES)}")
+    return _resource_choice(units, frozen, scores, bar, budget, resource_weight)
+
+
+def _resource_choice(
+    units: list[AdapterUnit], frozen, scores: dict[str, float], bar: float, budget: int, resource_weight: float
+) -> list[str]:
+    """The resource policy: one unit at a time, the lowest score against its own bar, which the last trainable
+    unit of block k(F) (the one whose freezing extends the frozen prefix) has raised by what it releases."""
+    trainable = [u.name for u in units if u.name not in frozen]
     now_frozen = set(frozen)
     chosen: list[str] = []
     while len(chosen) < budget:

@@ -3,8 +3,9 @@
 Importance is compared across measurements and across units, so every measurement runs
 on the same examples: ``size`` of them, picked once in a seeded order and collated like a
 training batch. Labels are removed, since scoring only needs the feature maps of the
-forward (a model given labels would also compute a loss). The reference loop and the
-Trainer callback both draw their probe here; they differ only in the order they pass.
+forward (a model given labels would also compute a loss). Every path (the reference loop,
+the Trainer callback, a user's loop through ``SafeSession``) takes its examples in
+``probe_order``: the same data and seed give the same probe everywhere.
 """
 
 from __future__ import annotations
@@ -15,6 +16,18 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 
 LABEL_KEYS = ("labels", "label", "label_ids")
+PROBE_STREAM = -1  # the probe's order is a stream no training epoch (0, 1, ...) uses
+
+
+def seeded_order(n: int, seed: int, stream: int) -> list[int]:
+    """A permutation of ``range(n)`` fixed by ``(seed, stream)``: a training epoch is a stream, the probe another."""
+    generator = torch.Generator().manual_seed(seed * 100_003 + stream)
+    return torch.randperm(n, generator=generator).tolist()
+
+
+def probe_order(n: int, seed: int) -> list[int]:
+    """The order the probe's examples are taken in: seeded, and unlike any epoch's."""
+    return seeded_order(n, seed, PROBE_STREAM)
 
 
 def draw_probe(

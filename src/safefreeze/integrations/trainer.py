@@ -3,15 +3,16 @@
     trainer = Trainer(model=peft_model, args=args, train_dataset=train, data_collator=collator,
                       callbacks=[SafeCallback(SafeConfig())])
 
-The callback attaches through what transformers hands every callback, nothing else:
-``on_train_begin`` receives the model, the optimizer and the train dataloader and builds a
-``SafeFreezer`` (the component the reference loop uses) with that optimizer, so freezing
-releases AdamW state there, and ``state.max_steps`` as the run length. ``on_step_begin``
-calls ``freezer.watch(step)`` so that a due step is scored on its own training forward
-(the first micro-batch); ``on_step_end`` calls ``freezer.step(global_step)`` after every
-optimizer step and gets a ``FreezeEvent`` on the steps that decide. With
-``score_on="probe"`` a probe of ``probe_size`` training examples is drawn (seeded) from
-the dataloader's dataset and collated by its collator (probe.py) and scored instead.
+The callback is a thin adapter over ``SafeSession`` (session.py), the lifecycle the
+reference loop runs too, attached through what transformers hands every callback, nothing
+else: ``on_train_begin`` receives the model, the optimizer and the train dataloader and
+builds the session with that optimizer (freezing releases AdamW state there),
+``state.max_steps`` as the run length, the dataloader's dataset and collator (the probe of
+``score_on="probe"`` and a budget's worst-case batch come from them, in the same seeded
+order as in the reference loop) and the Trainer's autocast (bf16/fp16). ``on_step_begin``
+calls ``session.before_forward(step)`` so that a due step is scored on its own training
+forward (the first micro-batch); ``on_step_end`` calls ``session.after_step(global_step)``
+after every optimizer step and gets a ``FreezeEvent`` on the steps that decide.
 
 Logging: a callback cannot start a log record of its own without losing the Trainer's
 (the callback handler's ``on_log`` resets ``control.should_log``), so SAFE's values from
@@ -30,10 +31,10 @@ DDP: a parameter frozen after DDP wrapped the model never gets its gradient, and
 reducer fails at the next step unless it looks for unused parameters each step; the
 Trainer wrapped the model before any callback runs, so SAFE refuses, before training,
 DDP without ``ddp_find_unused_parameters`` or with ``ddp_static_graph``. Under DDP rank 0
-decides and every rank applies its decision (``Group.on_main``).
+decides and every rank applies its decision (``session.on_rank_zero``).
 
 Activation checkpointing: ``checkpointing`` ("none", "all", "auto") and ``memory_budget``
-(a size) choose the blocks to checkpoint (``training.activation_plan``): SAFE's own
+(a size) choose the blocks to checkpoint (``memory.plan``): SAFE's own
 non-reentrant checkpointing, which never stores or recomputes the frozen prefix. If the
 user turned on transformers' (``TrainingArguments(activation_checkpointing=True)``, or
 ``gradient_checkpointing_enable()`` on the model), whose ``enable_input_require_grads`` hook
@@ -41,13 +42,14 @@ makes the embeddings' output require grad and keeps every block in the backward 
 the callback takes it over (``take_over_checkpointing``): the same blocks, checkpointed by
 SAFE, the hook removed, the same adapters trained; it logs the change (offloaded checkpointing
 is refused: SAFE's does not offload). Under a budget
-the per-block costs are measured once on the longest training batch, the plan is made
+the per-block costs are measured once on the longest training batch under the Trainer's
+autocast, the plan is made
 before the first step (an impossible budget fails there, naming the smallest that fits)
 and re-made at every freeze event that raises the frozen prefix. SAFE's log values then
 include ``safe/checkpointed_blocks`` (blocks checkpointed above the frozen prefix) and,
 under a budget, ``safe/planned_activation_peak_mib``.
 
-Resuming: the freezer's state is saved in the checkpoint's ``trainer_state.json``
+Resuming: ``session.state_dict()`` is saved in the checkpoint's ``trainer_state.json``
 (``ExportableState``), so ``trainer.train(resume_from_checkpoint=...)`` restores frozen
 units, scores and schedule wherever the checkpoint lies, and the measured block costs, so
 the resumed run plans its checkpointing from the same numbers.
@@ -56,24 +58,21 @@ the resumed run plans its checkpointing from the same numbers.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sized
+from contextlib import nullcontext
+from functools import partial
 
 import torch
-import torch.distributed as dist
 from torch import nn
-from torch.distributed import fsdp
 from transformers import PreTrainedModel, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import ExportableState
 from transformers.training_args import ParallelMode
 
-from safefreeze.core.checkpointing import take_over_checkpointing
 from safefreeze.core.config import ConfigError, SafeConfig
 from safefreeze.core.freezer import FreezeEvent, SafeFreezer
-from safefreeze.core.probe import draw_probe
-from safefreeze.core.state import freezer_state, load_freezer_state, save_state_with_model
-from safefreeze.training.activation_plan import ActivationPlan, active
-from safefreeze.training.distributed import Group
-from safefreeze.training.memory_budget import MIB, longest_batch
+from safefreeze.core.state import save_state_with_model
+from safefreeze.memory.budget import MIB
+from safefreeze.memory.plan import ActivationPlan
+from safefreeze.session import SafeSession
 
 logger = logging.getLogger(__name__)
 
@@ -116,41 +115,15 @@ def event_logs(event: FreezeEvent) -> dict[str, float]:
     return logs
 
 
-def _decide_on(fn):
-    """Run a freeze decision on rank 0 and hand it to every rank (the identity in one process)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return fn()
-    return Group(dist.get_rank(), dist.get_world_size()).on_main(fn)
+def config_option(name: str) -> str:
+    """How a Trainer user sets a SAFE option: ``SafeConfig(tau=...)``."""
+    return f"SafeConfig({name}=...)"
 
 
-def is_sharded(model: nn.Module) -> bool:
-    """Whether FSDP shards ``model``: then a probe forward all-gathers the weights, a collective every rank must
-    join, so every rank scores the probe (rank 0 scoring alone would wait forever); the ranks score the same probe
-    on the same weights and decide alike. A watched training forward needs no collective of its own."""
-    kinds = tuple(getattr(fsdp, name) for name in ("FSDPModule", "FullyShardedDataParallel") if hasattr(fsdp, name))
-    return any(isinstance(module, kinds) for module in model.modules())
-
-
-def longest_training_batch(args: TrainingArguments, train_dataloader, device: torch.device) -> dict[str, torch.Tensor]:
-    """The worst-case micro-batch of this run: the ``per_device_train_batch_size`` longest examples, collated.
-
-    Raises:
-        ConfigError: if the dataset has no length (a stream: no worst case to find) or the batch has no labels
-            (the costs are measured on a training step with the model's own loss).
-    """
-    dataset = train_dataloader.dataset
-    if not (isinstance(dataset, Sized) and hasattr(dataset, "__getitem__")):
-        raise ConfigError(
-            "a memory budget is planned on the longest training batch, which a streamed dataset cannot tell: "
-            "pass a dataset with a length, or use checkpointing='all' without a budget"
-        )
-    batch = longest_batch(dataset, args.per_device_train_batch_size, train_dataloader.collate_fn)
-    if "labels" not in batch:
-        raise ConfigError(
-            f"a memory budget is planned on a training step with the model's own loss, but the collated batch has "
-            f"no labels (only {', '.join(batch)}): collate labels, or use checkpointing='all' without a budget"
-        )
-    return {key: value.to(device) if torch.is_tensor(value) else value for key, value in batch.items()}
+def trainer_autocast(args: TrainingArguments, device: torch.device):
+    """The autocast the Trainer runs its steps under (``bf16``/``fp16``), for measuring block costs alike."""
+    dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else None
+    return torch.autocast(device.type, dtype) if dtype else nullcontext()
 
 
 class SafeCallback(TrainerCallback, ExportableState):
@@ -162,8 +135,8 @@ class SafeCallback(TrainerCallback, ExportableState):
             ``"all"`` blocks, or ``"auto"``: the fewest that fit ``memory_budget``.
         memory_budget: the activation memory a step may hold at its peak, e.g. ``"6GiB"``; implies ``"auto"``.
 
-    After training, ``callback.freezer`` holds the decisions, ``freezer.events`` every freeze event,
-    ``callback.plan`` the checkpointing plan (its measured ``costs`` under a budget).
+    After training, ``callback.session`` holds the run's ``SafeSession``: ``callback.freezer`` its decisions
+    (``freezer.events``: every freeze event), ``callback.plan`` its checkpointing plan (measured ``costs``).
 
     Raises:
         ConfigError: at construction, for contradicting switches or a size that does not parse; at train begin,
@@ -177,8 +150,8 @@ class SafeCallback(TrainerCallback, ExportableState):
         self.config = config if isinstance(config, SafeConfig) else SafeConfig.from_dict(config or {})
         self.checkpointing = checkpointing
         self.memory_budget = memory_budget
-        self.plan = ActivationPlan.from_switches(checkpointing, memory_budget)
-        self.freezer: SafeFreezer | None = None
+        ActivationPlan.from_switches(checkpointing, memory_budget)  # a contradiction fails here, not at train begin
+        self.session: SafeSession | None = None
         self._unlogged: dict[str, float] = {}  # SAFE's values waiting for the Trainer's next log record
         self._log_plan = False  # whether the checkpointing plan is logged: SAFE's own, or one taken over
 
@@ -195,63 +168,66 @@ class SafeCallback(TrainerCallback, ExportableState):
                 "SAFE checkpoints blocks itself and does not offload their inputs to the CPU: drop 'offload' from "
                 "TrainingArguments(activation_checkpointing_kwargs), or set SafeCallback(memory_budget=...) instead"
             )
-        change = take_over_checkpointing(model)
-        if change:
-            logger.warning("SAFE: %s", change)
-        probe = self._probe(train_dataloader) if self.config.score_on == "probe" else None
-        # A probe forward under FSDP is a collective: every rank scores it (the same batch) and decides alike.
-        decide = {} if probe is not None and is_sharded(model) else {"decide_on": _decide_on}
-        self.freezer = SafeFreezer(model, self.config, optimizer, probe=probe, total_steps=state.max_steps, **decide)
+        device = next(model.parameters()).device
+        self.session = SafeSession(
+            model,
+            self.config,
+            optimizer,
+            total_steps=state.max_steps,
+            examples=train_dataloader.dataset,
+            collate=train_dataloader.collate_fn,
+            batch_size=args.per_device_train_batch_size,
+            checkpointing=self.checkpointing,
+            memory_budget=self.memory_budget,
+            autocast=partial(trainer_autocast, args, device),
+        )
+        if self.session.taken_over:
+            logger.warning("SAFE: %s", self.session.taken_over)
         save_state_with_model(model, self.freezer)
         saved = (state.stateful_callbacks or {}).get(type(self).__name__)
         saved = saved[0] if isinstance(saved, list) else saved
-        if state.global_step > 0 and saved and saved.get("freezer"):
-            load_freezer_state(self.freezer, saved["freezer"])
-            self.plan.load_state_dict(saved.get("activation_plan") or {})
+        if state.global_step > 0 and saved and saved.get("session"):
+            self.session.load_state_dict(saved["session"])
             logger.info("SAFE: resumed at step %d with %d frozen units", state.global_step, len(self.freezer.frozen))
-        if self.plan.needs_costs:
-            device = next(model.parameters()).device
-            self.plan.measure(model, longest_training_batch(args, train_dataloader, device))
-        checkpointed = self.plan.apply(model, self.freezer.frozen_prefix())
+        checkpointed = self.session.begin()
         self._log_plan = self.plan.mode != "none" or bool(checkpointed)
         if self._log_plan:
             self._unlogged.update(self._plan_logs())
 
-    def _probe(self, train_dataloader) -> dict[str, torch.Tensor]:
-        """``probe_size`` examples of the train dataset in a seeded order, collated by the run's collator."""
-        dataset = train_dataloader.dataset
-        order = None
-        if isinstance(dataset, Sized) and hasattr(dataset, "__getitem__"):
-            generator = torch.Generator().manual_seed(self.config.seed)
-            order = torch.randperm(len(dataset), generator=generator).tolist()
-        return draw_probe(dataset, train_dataloader.collate_fn, self.config.probe_size, order)
+    @property
+    def freezer(self) -> SafeFreezer | None:
+        """The session's freezer (None before training begins)."""
+        return self.session.freezer if self.session is not None else None
+
+    @property
+    def plan(self) -> ActivationPlan | None:
+        """The session's checkpointing plan (None before training begins)."""
+        return self.session.plan if self.session is not None else None
 
     def on_step_begin(self, args, state, control, **kwargs):
-        if self.freezer is not None:
-            self.freezer.watch(state.global_step + 1)  # the step about to run
+        if self.session is not None:
+            self.session.before_forward(state.global_step + 1)  # the step about to run
 
     def on_step_end(self, args, state, control, **kwargs):
-        event = self.freezer.step(state.global_step) if self.freezer is not None else None
+        event = self.session.after_step(state.global_step) if self.session is not None else None
         if event is None:
             return
         self._unlogged.update(event_logs(event))
         if event.frozen_now:
             logger.info("SAFE: froze %s at step %d", ", ".join(event.frozen_now), event.step)
-        self.plan.follow(self.freezer.model, event)
         if self._log_plan:
             self._unlogged.update(self._plan_logs())
 
     def on_train_end(self, args, state, control, **kwargs):
-        """Say in one line when the run's freezing shortened no backward pass (``SafeFreezer.why_no_saving``)."""
-        why = self.freezer.why_no_saving() if self.freezer is not None else None
+        """Say in one line when the run's freezing shortened no backward pass (``SafeSession.end``)."""
+        why = self.session.end() if self.session is not None else None
         if why and state.is_world_process_zero:
-            logger.warning("%s", why)
+            logger.warning("%s", why.sentence(config_option))
 
     def _plan_logs(self) -> dict[str, float]:
         """The checkpointing plan's log values: blocks checkpointed above the frozen prefix, the planned peak."""
-        model, prefix = self.freezer.model, self.freezer.frozen_prefix()
-        logs = {"safe/checkpointed_blocks": len(active(model, prefix))}
-        peak = self.plan.peak(model, prefix)
+        logs = {"safe/checkpointed_blocks": len(self.session.checkpointed_blocks())}
+        peak = self.session.planned_peak()
         if peak is not None:
             logs["safe/planned_activation_peak_mib"] = peak / MIB
         return logs
@@ -277,6 +253,5 @@ class SafeCallback(TrainerCallback, ExportableState):
                 "memory_budget": self.memory_budget,
             },
             "attributes": {},
-            "freezer": freezer_state(self.freezer) if self.freezer is not None else None,
-            "activation_plan": self.plan.state_dict(),
+            "session": self.session.state_dict() if self.session is not None else None,
         }

@@ -12,7 +12,9 @@ plan (optimizer step → units) handed to ``SafeFreezer`` as its ``PlannedStrate
   et al., 2021, "AdapterDrop"). k = ``--drop-blocks``, or SAFE's final share of frozen units
   times the number of blocks, from ``--reference``. The LoRA modules of those blocks stay
   in the model frozen at step 0: with B = 0 at initialisation they add exactly nothing,
-  and, frozen, they store no activations; their few forward FLOPs remain.
+  and, frozen, they store no activations; their few forward FLOPs remain. ``--drop-at t``
+  freezes them after step t instead: one late freeze of the bottom k blocks, the cell (k, t)
+  of the freezing frontier (bench/frontier.py).
 - ``freezeout``   progressive bottom-up freezing on a fixed cubic time schedule (after
   Brock et al., 2017, "FreezeOut"): the units of block b freeze at the fraction
   t_b = (t₀ + (1 − t₀)·b/L)³ of training, L = number of blocks, t₀ = 0.8 (FreezeOut's
@@ -66,10 +68,10 @@ def random_plan(unit_names: list[str], counts: dict[int, int], seed: int) -> dic
     return plan
 
 
-def adapterdrop_plan(units: list[AdapterUnit], drop_blocks: int) -> dict[int, list[str]]:
-    """Every unit of the lowest ``drop_blocks`` blocks, frozen before the first step."""
+def adapterdrop_plan(units: list[AdapterUnit], drop_blocks: int, at_step: int = 0) -> dict[int, list[str]]:
+    """Every unit of the lowest ``drop_blocks`` blocks, frozen after step ``at_step`` (0: before the first step)."""
     lowest = set(sorted({u.block for u in units})[:drop_blocks])
-    return {0: [u.name for u in units if u.block in lowest]}
+    return {at_step: [u.name for u in units if u.block in lowest]}
 
 
 def freezeout_plan(
@@ -123,4 +125,6 @@ def baseline_plan(config, safe: SafeConfig, units: list[AdapterUnit], total_step
         raise ConfigError(
             f"--drop-blocks {drop} leaves fewer than --min-trainable {safe.min_trainable} of the {len(blocks)} blocks"
         )
-    return adapterdrop_plan(units, drop)
+    if config.drop_at > total_steps:
+        raise ConfigError(f"--drop-at {config.drop_at} is after this run's {total_steps} steps")
+    return adapterdrop_plan(units, drop, config.drop_at)

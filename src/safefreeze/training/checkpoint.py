@@ -3,8 +3,9 @@
 A checkpoint is one file, ``<out>/checkpoints/step-000120.pt``, holding the run's
 configuration (its identity), the step and data position (epoch, batch in epoch), the
 trainable weights by name (adapters, task head; frozen adapters included), the optimizer
-and LR-scheduler state, the freezer's decisions and score history, fp16's loss scale, the
-measured block costs of a memory budget, every rank's RNG states (torch, CUDA, numpy,
+and LR-scheduler state, the SAFE session's state (decisions, score history, the measured
+block costs of a memory budget: ``SafeSession.state_dict``, the same state a Trainer
+checkpoint keeps), fp16's loss scale, every rank's RNG states (torch, CUDA, numpy,
 python), the per-step records of the report, and how often it checkpoints (a resumed run
 goes on the same way).
 
@@ -14,7 +15,7 @@ A crash mid-write leaves at most the hidden file, which readers ignore and the n
 removes. The newest ``keep`` checkpoints are kept.
 
 Resuming rebuilds the model, optimizer and scheduler as a fresh run does, then loads
-this state into them; ``SafeFreezer.load_state_dict`` freezes the frozen units again
+this state into them; ``SafeSession.load_state_dict`` freezes the frozen units again
 (the optimizer's groups still list their parameters, as in the uninterrupted run, where
 AdamW skips them because their ``.grad`` stays None).
 """
@@ -32,12 +33,11 @@ import torch
 from torch import nn
 
 from safefreeze.core.config import ConfigError
-from safefreeze.core.freezer import SafeFreezer
-from safefreeze.training.activation_plan import ActivationPlan
+from safefreeze.session import SafeSession
 
 CHECKPOINT_DIR = "checkpoints"
 KEEP = 2
-FORMAT = 1
+FORMAT = 2  # 2: the SAFE session's state in one entry (1: freezer and activation plan apart)
 _NAME = re.compile(r"^step-(\d+)\.pt$")
 
 
@@ -103,16 +103,15 @@ def capture(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     scheduler,
-    freezer: SafeFreezer | None,
+    session: SafeSession,
     progress: Progress,
     steps_per_epoch: int,
     identity: dict,
     rng: list[dict],
     scaler: torch.amp.GradScaler | None = None,
-    plan: ActivationPlan | None = None,
 ) -> dict:
     """The state of a run after ``progress.step`` (``rng``: every rank's ``rng_state()``; ``scaler``: fp16's;
-    ``plan``: the checkpointing plan, whose measured block costs a resumed run plans from)."""
+    ``session``: SAFE's decisions and the checkpointing plan, whose measured block costs a resumed run plans from)."""
     return {
         "format": FORMAT,
         "identity": identity,
@@ -123,9 +122,8 @@ def capture(
         "weights": {name: p.detach() for name, p in _optimized(model, optimizer).items()},
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
-        "freezer": freezer.state_dict() if freezer is not None else None,
+        "session": session.state_dict(),
         "scaler": scaler.state_dict() if scaler is not None else None,
-        "activation_plan": plan.state_dict() if plan is not None else None,
         "rng": rng,
         "records": progress.records,
         "scoring_seconds": progress.scoring_seconds,
@@ -138,12 +136,11 @@ def restore(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     scheduler,
-    freezer: SafeFreezer | None,
+    session: SafeSession,
     progress: Progress,
     rank: int = 0,
     world_size: int = 1,
     scaler: torch.amp.GradScaler | None = None,
-    plan: ActivationPlan | None = None,
 ) -> None:
     """Load ``capture``'s state into freshly built training objects; this rank's RNG last."""
     if state["world_size"] != world_size:
@@ -159,12 +156,9 @@ def restore(
             params[name].copy_(value)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    if freezer is not None:
-        freezer.load_state_dict(state["freezer"])
+    session.load_state_dict(state["session"])
     if scaler is not None and state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
-    if plan is not None and state.get("activation_plan"):
-        plan.load_state_dict(state["activation_plan"])
     progress.step = state["step"]
     progress.records = list(state["records"])
     progress.scoring_seconds = state["scoring_seconds"]

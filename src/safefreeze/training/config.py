@@ -28,8 +28,8 @@ import torch
 
 from safefreeze.adapters.bottleneck import KINDS as BOTTLENECK_KINDS
 from safefreeze.core.config import ConfigError
-from safefreeze.training.activation_plan import MODES as CHECKPOINTING_MODES
-from safefreeze.training.activation_plan import ActivationPlan
+from safefreeze.memory.plan import MODES as CHECKPOINTING_MODES
+from safefreeze.memory.plan import ActivationPlan
 from safefreeze.training.methods import METHODS, TRAINING_METHODS
 from safefreeze.training.prefix_cache import CACHE_DTYPES
 
@@ -37,6 +37,11 @@ LR_SCHEDULERS = {"linear": "linear", "cosine": "cosine", "constant": "constant_w
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # -> autocast dtype
 
 ADAPTERS = ("lora", *BOTTLENECK_KINDS)
+
+
+def flag(name: str) -> str:
+    """The command-line flag of a ``TrainConfig`` or ``SafeConfig`` field: ``min_trainable`` -> ``--min-trainable``."""
+    return f"--{name.replace('_', '-')}"
 
 
 def _at_least_one(config, *names: str) -> None:
@@ -152,6 +157,13 @@ class MethodOptions:
     drop_blocks: int | None = field(
         default=None, metadata={"help": "adapterdrop: blocks from the bottom with no trained adapter"}
     )
+    drop_at: int = field(
+        default=0,
+        metadata={
+            "help": "adapterdrop: the optimizer step after which those blocks freeze (0: before training, as "
+            "AdapterDrop; later: one late freeze, a point of the freezing frontier)"
+        },
+    )
     prefix_cache: bool = field(
         default=False,
         metadata={"help": "safe: cache what the frozen bottom blocks output per example (eval mode) and skip them"},
@@ -174,6 +186,8 @@ class MethodOptions:
             raise ConfigError(f"cache_dtype must be one of {', '.join(CACHE_DTYPES)}, got {self.cache_dtype!r}")
         if self.drop_blocks is not None and self.drop_blocks < 0:
             raise ConfigError(f"drop_blocks must be >= 0, got {self.drop_blocks}")
+        if self.drop_at < 0:
+            raise ConfigError(f"drop_at must be >= 0 (an optimizer step), got {self.drop_at}")
 
 
 @dataclass
@@ -240,7 +254,7 @@ class OptimisationOptions:
 
 @dataclass
 class MemoryOptions:
-    """Activation memory: which transformer blocks recompute their activations in backward (activation_plan.py)."""
+    """Activation memory: which transformer blocks recompute their activations in backward (memory/plan.py)."""
 
     section: ClassVar[str] = "memory"
     checkpointing: str = field(

@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 
 from safefreeze.core.config import ConfigError
+from safefreeze.core.probe import seeded_order
 
 TEST_FRACTION = 0.2
 
@@ -328,8 +329,7 @@ class Collator:
 
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     """The example order of one epoch: a permutation fixed by (seed, epoch), so a run can be replayed."""
-    generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    return torch.randperm(n, generator=generator).tolist()
+    return seeded_order(n, seed, epoch)
 
 
 def iterate_batches(examples: list[dict], batch_size: int, collate: Collator, order: list[int]) -> Iterator[dict]:

@@ -21,42 +21,33 @@ measured activation peak on the same task and seed (the bench runs that LoRA cel
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import torch
-from torch import nn
-
 from safefreeze.core.config import ConfigError, SafeConfig
-from safefreeze.core.decisions import DecisionStrategy, PlannedStrategy, ScoredStrategy
-from safefreeze.core.units import find_units
+from safefreeze.core.decisions import PlannedStrategy
+from safefreeze.core.units import AdapterUnit
+from safefreeze.session import StrategyFactory
 from safefreeze.training.baselines import baseline_plan
 
-# (config: TrainConfig, safe, model, total_steps, probe: () -> batch) -> the run's decision strategy
-StrategyFactory = Callable[
-    [object, SafeConfig, nn.Module, int, Callable[[], dict[str, torch.Tensor]]], DecisionStrategy
-]
+SCORED, PLANNED = "scored", "planned"  # how a freezing method decides: SAFE's scores, or a plan fixed in advance
 
 
-def scored_strategy(config, safe: SafeConfig, model: nn.Module, total_steps: int, probe) -> ScoredStrategy:
-    """SAFE: score the units during a warm-up that fits in the run (the probe is drawn only to score on it)."""
-    if safe.warmup_steps is not None and safe.warmup_steps > total_steps:
-        raise ConfigError(f"warm-up of {safe.warmup_steps} steps is longer than the {total_steps} training steps")
-    probe_batch = probe() if safe.score_on == "probe" else None
-    return ScoredStrategy(model, safe, find_units(model, safe.granularity), probe_batch, total_steps)
+def planned_strategy(config, total_steps: int) -> StrategyFactory:
+    """A baseline's strategy: the plan of ``config.method`` (baselines.py), made once the session resolved SAFE's
+    config and found the units; nothing is scored, so no probe is drawn."""
 
+    def build(safe: SafeConfig, units: list[AdapterUnit]) -> PlannedStrategy:
+        return PlannedStrategy(baseline_plan(config, safe, units, total_steps), units)
 
-def planned_strategy(config, safe: SafeConfig, model: nn.Module, total_steps: int, probe) -> PlannedStrategy:
-    """A baseline: the plan of ``config.method`` (baselines.py); nothing is scored, so no probe is drawn."""
-    units = find_units(model, safe.granularity)
-    return PlannedStrategy(baseline_plan(config, safe.for_model(model), units, total_steps), units)
+    return build
 
 
 @dataclass(frozen=True)
 class Method:
     """One row of the method table (module docstring).
 
-    ``strategy`` builds the decision strategy of a freezing method (None: nothing freezes);
+    ``freezing`` says how a freezing method decides (``SCORED``: SAFE, ``PLANNED``: a baseline's plan;
+    None: nothing freezes);
     ``base``, ``train`` and ``safe`` make a bench variant: the ``base`` method with these
     ``TrainConfig`` and ``SafeConfig`` overrides; ``lora_budget`` its memory budget as a fraction
     of the activation peak of plain LoRA's run on the same task and seed.
@@ -67,7 +58,7 @@ class Method:
     colour: str
     lr: float = 1e-3
     adapter: bool = True
-    strategy: StrategyFactory | None = None
+    freezing: str | None = None
     follows_safe: bool = False
     base: str | None = None
     train: dict = field(default_factory=dict)
@@ -82,10 +73,10 @@ class Method:
 
 _ROWS = (
     Method("lora", "LoRA", "tab:blue"),
-    Method("safe", "SAFE", "tab:red", strategy=scored_strategy),
-    Method("random", "random freezing", "tab:gray", strategy=planned_strategy, follows_safe=True),
-    Method("adapterdrop", "AdapterDrop", "tab:green", strategy=planned_strategy, follows_safe=True),
-    Method("freezeout", "FreezeOut", "tab:purple", strategy=planned_strategy),
+    Method("safe", "SAFE", "tab:red", freezing=SCORED),
+    Method("random", "random freezing", "tab:gray", freezing=PLANNED, follows_safe=True),
+    Method("adapterdrop", "AdapterDrop", "tab:green", freezing=PLANNED, follows_safe=True),
+    Method("freezeout", "FreezeOut", "tab:purple", freezing=PLANNED),
     Method("full", "full fine-tuning", "tab:brown", lr=5e-5, adapter=False),
     # SAFE with the switches that go beyond the paper (issue 6), compared in the bench.
     Method("safe+merge", "SAFE + merge", "tab:orange", base="safe", safe={"merge_frozen": True}),
@@ -117,4 +108,4 @@ def method(name: str) -> Method:
 
 def freezes(name: str) -> bool:
     """Whether the training method ``name`` freezes units (its runs carry a SAFE configuration)."""
-    return METHODS[name].strategy is not None
+    return METHODS[name].freezing is not None

@@ -12,7 +12,7 @@ storage once): the activation memory of the step. ``peak_bytes`` is the most tha
 save until the last saved variable holding it is released (autograd releases a node's
 saved variables right after the node's backward runs). Without activation checkpointing
 the two are equal, since nothing is released before backward starts. With
-non-reentrant checkpointing (checkpointing.py) a checkpointed block's forward saves only
+non-reentrant checkpointing (recompute.py) a checkpointed block's forward saves only
 its inputs; its backward first recomputes the block, saving again what it needs, and
 those recomputed tensors count as live from their recomputation until autograd is done
 with them. For a stack of blocks that each save their input ``x`` (B bytes) and one
@@ -21,7 +21,7 @@ with them. For a stack of blocks that each save their input ``x`` (B bytes) and 
 
 Recomputation runs inside backward under the checkpoint's own saved-tensor hooks, which
 hide it from the recording's; ``recomputing(block)`` (the recompute context
-checkpointing.py hands to ``torch.utils.checkpoint``) wraps those hooks so the recording
+recompute.py hands to ``torch.utils.checkpoint``) wraps those hooks so the recording
 sees each recomputed save too. FLOPs need no such help: ``FlopCounterMode`` sees the
 recomputation's operations, as long as backward runs inside it.
 """

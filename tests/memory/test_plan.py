@@ -1,9 +1,9 @@
 import pytest
 
-from safefreeze.core.checkpointing import checkpoint_blocks, checkpointed_blocks
 from safefreeze.core.config import ConfigError
-from safefreeze.training.activation_plan import ActivationPlan
-from safefreeze.training.memory_budget import BlockCosts
+from safefreeze.memory.budget import BlockCosts
+from safefreeze.memory.plan import ActivationPlan
+from safefreeze.memory.recompute import checkpoint_blocks, checkpointed_blocks
 
 
 @pytest.mark.parametrize(

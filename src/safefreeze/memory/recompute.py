@@ -37,10 +37,10 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from safefreeze.core.accounting import recomputing
 from safefreeze.core.config import ConfigError
 from safefreeze.core.freezer import input_require_grads_hooks
 from safefreeze.core.units import find_blocks
+from safefreeze.memory.accounting import recomputing
 
 
 class BlockCheckpoint:

@@ -4,12 +4,10 @@ import time
 import pytest
 import torch
 
-from safefreeze.core import accounting
-from safefreeze.core.checkpointing import checkpoint_blocks, checkpointed_blocks
 from safefreeze.core.config import ConfigError
 from safefreeze.core.units import find_blocks, find_units
-from safefreeze.training.data import Collator
-from safefreeze.training.memory_budget import (
+from safefreeze.memory import accounting
+from safefreeze.memory.budget import (
     MIB,
     BlockCosts,
     format_size,
@@ -17,6 +15,8 @@ from safefreeze.training.memory_budget import (
     measure_block_costs,
     parse_size,
 )
+from safefreeze.memory.recompute import checkpoint_blocks, checkpointed_blocks
+from safefreeze.training.data import Collator
 
 BATCH = 8  # the worst case is measured at 2 and 3 rows and extrapolated to these 8
 

@@ -4,8 +4,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-from safefreeze.core import accounting
-from safefreeze.core.checkpointing import checkpoint_blocks
+from safefreeze.memory import accounting
+from safefreeze.memory.recompute import checkpoint_blocks
 
 
 def test_attention_counts_the_same_with_and_without_dropout():

@@ -4,11 +4,11 @@ import pytest
 import torch
 from torch import nn
 
-from safefreeze.core import accounting
-from safefreeze.core.checkpointing import checkpoint_blocks, checkpointed_blocks, take_over_checkpointing
 from safefreeze.core.config import ConfigError
 from safefreeze.core.freezer import input_require_grads_hooks
 from safefreeze.core.units import find_blocks, find_units
+from safefreeze.memory import accounting
+from safefreeze.memory.recompute import checkpoint_blocks, checkpointed_blocks, take_over_checkpointing
 from safefreeze.training.models import add_lora, load_model
 
 

@@ -48,10 +48,10 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from safefreeze.core.accounting import record_saved_tensors
-from safefreeze.core.checkpointing import checkpoint_blocks, checkpointed_blocks
 from safefreeze.core.config import ConfigError
 from safefreeze.core.units import find_blocks
+from safefreeze.memory.accounting import record_saved_tensors
+from safefreeze.memory.recompute import checkpoint_blocks, checkpointed_blocks
 
 _UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
 _UNITS.update({f"{p}ib": 1024 ** (i + 1) for i, p in enumerate("kmgt")})

@@ -6,9 +6,9 @@ A user sets two switches, in the CLI, a config file or ``SafeCallback``:
     memory_budget   a size (``300MiB``, ``6GiB``) or nothing
 
 ``none`` adds no checkpointing (a model checkpointed by transformers keeps its blocks,
-taken over by ``core.checkpointing.take_over_checkpointing``); ``all`` checkpoints every
+taken over by ``recompute.take_over_checkpointing``); ``all`` checkpoints every
 block; ``auto`` checkpoints the fewest blocks whose worst-case step fits the budget
-(``memory_budget.BlockCosts.plan``). A budget implies ``auto``; ``auto`` without one, or
+(``budget.BlockCosts.plan``). A budget implies ``auto``; ``auto`` without one, or
 ``all`` with one, is a contradiction and refused.
 
 The plan follows the frozen prefix ``k``: blocks below it run unchecked whatever the
@@ -26,11 +26,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from safefreeze.core.checkpointing import checkpoint_blocks, checkpointed_blocks
 from safefreeze.core.config import ConfigError
 from safefreeze.core.freezer import FreezeEvent
 from safefreeze.core.units import find_blocks
-from safefreeze.training.memory_budget import BlockCosts, measure_block_costs, parse_size
+from safefreeze.memory.budget import BlockCosts, measure_block_costs, parse_size
+from safefreeze.memory.recompute import checkpoint_blocks, checkpointed_blocks
 
 MODES = ("none", "all", "auto")
 

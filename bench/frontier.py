@@ -1,0 +1,244 @@
+"""The freezing frontier: what freezing the bottom k blocks at step t costs and saves, and where each rule lands.
+
+For one task (model, dataset, run length, batch) and seed, this trains plain LoRA and every cell
+(k, t) of a grid: the adapters of the bottom k blocks train until step t and freeze there for
+good (``--method adapterdrop --drop-blocks k --drop-at t``; t = 0 is AdapterDrop, a late t a
+single FreezeOut-like freeze). Saving is the run's mean activation memory and FLOPs per step as
+a ratio to LoRA of the same seed; cost is the held-out score against LoRA's. The frontier is the
+best score reachable at each saving: the grid cells no other cell beats on both. Rules are
+points beside it: SAFE's defaults, the paper's rule, FreezeOut, and any ``--rules`` given as
+SafeConfig settings; for each, the frontier's best score at a saving at least as large.
+
+Each run's report is kept under ``bench/results/frontier/<tag>/`` (git-ignored), so an
+interrupted grid resumes where it stopped; the summary the tables and figure are made from is
+written to ``bench/frontier/<tag>.csv`` (committed), the figure to ``bench/figures/frontier-<tag>.png``.
+
+    OMP_NUM_THREADS=1 .venv/bin/python bench/frontier.py --dataset trec --steps 300 --batch-size 16 --seeds 0
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import statistics
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+from run_lengths import frozen_prefix, parse_setting, run  # noqa: E402
+
+from safefreeze.core.config import SafeConfig  # noqa: E402
+from safefreeze.training.train import TrainConfig  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results" / "frontier"
+LOWER_IS_BETTER = {"perplexity", "loss"}
+FIELDS = ("tag", "seed", "name", "k", "t", "metric", "score", "delta", "memory", "flops", "frozen_units", "prefix")
+PAPER = "policy=threshold,tau=0.1,min_trainable=1"  # the paper's rule, whatever today's defaults are
+
+
+def measure(name: str, k, t, report: dict, lora: dict, tag: str, seed: int) -> dict:
+    """One CSV row: a run's score and savings against LoRA of the same seed."""
+    metric = next(iter(lora["eval"]))
+
+    def ratio(key: str) -> float:
+        return report["summary"][key] / lora["summary"][key]
+
+    return {
+        "tag": tag,
+        "seed": seed,
+        "name": name,
+        "k": k,
+        "t": t,
+        "metric": metric,
+        "score": report["eval"][metric],
+        "delta": report["eval"][metric] - lora["eval"][metric],
+        "memory": ratio("activation_bytes_mean"),
+        "flops": ratio("flops_per_step_mean"),
+        "frozen_units": report["summary"]["frozen_units"],
+        "prefix": frozen_prefix(report),
+    }
+
+
+def grid_rows(args, base: dict, tag: str, seed: int, lora: dict) -> list[dict]:
+    """Every (k, t) cell of the grid, trained now or read back."""
+    rows = []
+    for k in args.blocks:
+        for share in args.at:
+            t = round(share * args.steps)
+            config = TrainConfig(**base, method="adapterdrop", drop_blocks=k, drop_at=t, seed=seed)
+            safe = SafeConfig(seed=seed, min_trainable=1)
+            report = run(RESULTS / tag / f"k{k}-t{t}-s{seed}", config, safe)
+            rows.append(measure(f"k{k}@t{t}", k, t, report, lora, tag, seed))
+            print(_line(rows[-1]), flush=True)
+    return rows
+
+
+def rule_rows(args, base: dict, tag: str, seed: int, lora: dict) -> list[dict]:
+    """SAFE's defaults, the paper's rule, FreezeOut and the ``--rules`` settings, trained now or read back."""
+    rows = []
+    settings = {"safe (defaults)": "", "safe (paper)": PAPER, **{f"safe ({text})": text for text in args.rules}}
+    for name, text in settings.items():
+        config = TrainConfig(**base, method="safe", seed=seed)
+        safe = SafeConfig(**{"seed": seed, **parse_setting(text)})
+        report = run(RESULTS / tag / f"safe-{text or 'defaults'}-s{seed}", config, safe)
+        rows.append(measure(name, "", "", report, lora, tag, seed))
+        print(_line(rows[-1]), flush=True)
+    config = TrainConfig(**base, method="freezeout", seed=seed)
+    report = run(RESULTS / tag / f"freezeout-s{seed}", config, SafeConfig(seed=seed))
+    rows.append(measure("freezeout", "", "", report, lora, tag, seed))
+    print(_line(rows[-1]), flush=True)
+    return rows
+
+
+def _line(row: dict) -> str:
+    return (
+        f"{row['name']:>24} s{row['seed']}: {row['metric']} {row['score']:.4f} ({row['delta']:+.4f}), "
+        f"memory {row['memory']:.3f}x, FLOPs {row['flops']:.3f}x, prefix {row['prefix']}"
+    )
+
+
+def averaged(rows: list[dict]) -> list[dict]:
+    """Mean over seeds of each named point, with the seeds' spread of the score (population std)."""
+    names = dict.fromkeys(row["name"] for row in rows)
+    points = []
+    for name in names:
+        mine = [row for row in rows if row["name"] == name]
+        points.append(
+            {
+                **{key: mine[0][key] for key in ("name", "k", "t", "metric")},
+                **{key: statistics.mean(row[key] for row in mine) for key in ("score", "delta", "memory", "flops")},
+                "spread": statistics.pstdev(row["score"] for row in mine),
+                "seeds": len(mine),
+            }
+        )
+    return points
+
+
+def goodness(point: dict) -> float:
+    """Higher is better, whatever the metric."""
+    return -point["delta"] if point["metric"] in LOWER_IS_BETTER else point["delta"]
+
+
+def frontier(cells: list[dict]) -> list[dict]:
+    """The cells no other cell beats on both saving (lower memory) and score, by increasing saving."""
+    best = [
+        cell
+        for cell in cells
+        if not any(
+            other["memory"] <= cell["memory"]
+            and goodness(other) >= goodness(cell)
+            and (other["memory"] < cell["memory"] or goodness(other) > goodness(cell))
+            for other in cells
+        )
+    ]
+    return sorted(best, key=lambda cell: -cell["memory"])
+
+
+def best_at(line: list[dict], memory: float) -> dict | None:
+    """The frontier's best point at a saving at least as large as ``memory``'s (None if none saves as much)."""
+    reachable = [point for point in line if point["memory"] <= memory + 1e-9]
+    return max(reachable, key=goodness, default=None)
+
+
+def tables(tag: str, points: list[dict]) -> str:
+    """The frontier and the rules as markdown."""
+    cells = [p for p in points if p["k"] != ""]
+    line = frontier(cells)
+    out = [f"Frontier of {tag} (mean over seeds; Δ vs LoRA of the same seed):", ""]
+    out += ["| cell (k@t) | Δ score | act. memory / LoRA | FLOPs / LoRA |", "|---|---|---|---|"]
+    out += [f"| {p['name']} | {p['delta']:+.4f} | {p['memory']:.3f} | {p['flops']:.3f} |" for p in line]
+    out += ["", "| rule | Δ score (± seeds) | act. memory / LoRA | FLOPs / LoRA | frontier at that saving | gap |"]
+    out += ["|---|---|---|---|---|---|"]
+    for p in points:
+        if p["k"] != "":
+            continue
+        best = best_at(line, p["memory"])
+        reference = f"{best['name']} {best['delta']:+.4f}" if best else "none saves as much"
+        gap = f"{goodness(best) - goodness(p):+.4f}" if best else "—"
+        out.append(
+            f"| {p['name']} | {p['delta']:+.4f} (± {p['spread']:.4f}) | {p['memory']:.3f} | {p['flops']:.3f} | "
+            f"{reference} | {gap} |"
+        )
+    return "\n".join(out)
+
+
+def figure(tag: str, points: list[dict], path: Path) -> None:
+    """Saving (x) against score change (y): the grid, the frontier as a line, each rule a labelled point."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cells = [p for p in points if p["k"] != ""]
+    line = frontier(cells)
+    sign = -1 if points[0]["metric"] in LOWER_IS_BETTER else 1
+    fig, axis = plt.subplots(figsize=(6.4, 4.4))
+    axis.scatter([1 - p["memory"] for p in cells], [sign * p["delta"] for p in cells], color="0.7", s=14, label="k@t")
+    axis.plot([1 - p["memory"] for p in line], [sign * p["delta"] for p in line], color="black", label="frontier")
+    for p in points:
+        if p["k"] == "":
+            axis.errorbar(1 - p["memory"], sign * p["delta"], yerr=p["spread"], fmt="o", capsize=3)
+            axis.annotate(
+                p["name"], (1 - p["memory"], sign * p["delta"]), fontsize=7, xytext=(4, 4), textcoords="offset points"
+            )
+    axis.axhline(0, color="0.85", linewidth=0.8)
+    axis.set_xlabel("activation memory saved (1 − mean / LoRA's)")
+    axis.set_ylabel(f"{'−' if sign < 0 else ''}Δ {points[0]['metric']} vs LoRA (higher is better)")
+    axis.set_title(tag)
+    axis.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="minilm")
+    parser.add_argument("--dataset", default="trec")
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--max-length", type=int, default=None)
+    parser.add_argument("--target-modules", default=None)
+    parser.add_argument("--eval-examples", type=int, default=None)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--blocks", type=int, nargs="+", default=[1, 2, 3, 4, 5], help="k: bottom blocks frozen")
+    parser.add_argument("--at", type=float, nargs="+", default=[0.0, 0.1, 0.3, 0.6], help="t as a share of steps")
+    parser.add_argument("--rules", nargs="*", default=[], help='more SAFE rules as SafeConfig "key=value,..."')
+    parser.add_argument("--flops-every", type=int, default=25)
+    parser.add_argument("--tag", default=None, help="results name (default: model-dataset-nSTEPS-bBATCH)")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    tag = args.tag or f"{Path(args.model).stem}-{Path(args.dataset).stem}-n{args.steps}-b{args.batch_size}"
+    base = {
+        "model": args.model,
+        "dataset": args.dataset,
+        "max_steps": args.steps,
+        "batch_size": args.batch_size,
+        "max_length": args.max_length,
+        "target_modules": args.target_modules,
+        "eval_examples": args.eval_examples,
+        "flops_every": args.flops_every,
+    }
+    rows = []
+    for seed in args.seeds:
+        lora = run(
+            RESULTS / tag / f"lora-s{seed}", TrainConfig(**base, method="lora", seed=seed), SafeConfig(seed=seed)
+        )
+        rows += grid_rows(args, base, tag, seed, lora) + rule_rows(args, base, tag, seed, lora)
+    path = HERE / "frontier" / f"{tag}.csv"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as file:
+        writer = csv.DictWriter(file, FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+    points = averaged(rows)
+    figure(tag, points, HERE / "figures" / f"frontier-{tag}.png")
+    print(tables(tag, points))
+    print(f"wrote {path.relative_to(HERE.parent)} and bench/figures/frontier-{tag}.png")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,138 @@
+"""What a run is built from: device, seeds, the task and model (with its adapter), the optimizer and LR schedule,
+the SAFE session of its method, the frozen-prefix cache. The recipe (train.py) calls these in ``setup``."""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import tempfile
+from contextlib import nullcontext
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from transformers import get_scheduler
+
+from safefreeze.adapters.bottleneck import BottleneckConfig, add_bottleneck
+from safefreeze.core.config import ConfigError, SafeConfig
+from safefreeze.session import SafeSession
+from safefreeze.training import distributed
+from safefreeze.training.config import LR_SCHEDULERS, PRECISIONS, TrainConfig
+from safefreeze.training.data import Collator, check_task, encode
+from safefreeze.training.datafiles import load_dataset
+from safefreeze.training.methods import METHODS, PLANNED, freezes, planned_strategy
+from safefreeze.training.models import add_lora, load_model, load_tokenizer, model_kind, resolve_model
+from safefreeze.training.prefix_cache import CACHE_DTYPES, PrefixCache
+
+DEFAULT_MAX_LENGTH = {"classification": 64, "causal_lm": 128}
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def prepare(config: TrainConfig):
+    """Task, tokenizer, encoded splits and the (adapter-wrapped) model, with clear errors."""
+    task = load_dataset(config.dataset, config.text_column, config.text_pair_column, config.label_column)
+    check_task(task)
+    source = resolve_model(config.model)
+    if task.kind == "causal_lm" and model_kind(source) != "decoder":
+        raise ConfigError(f"{config.dataset} is a causal-LM dataset; use a decoder model such as smollm2")
+    tokenizer = load_tokenizer(source)
+    max_length = config.max_length or DEFAULT_MAX_LENGTH[task.kind]
+    train_examples, test_examples = encode(task, tokenizer, max_length)
+    train_examples, test_examples = train_examples[: config.train_examples], test_examples[: config.eval_examples]
+    if not train_examples:
+        raise ConfigError(f"{config.dataset} has no training examples at max_length {max_length}")
+    if len(train_examples) < config.batch_size:
+        raise ConfigError(
+            f"batch_size {config.batch_size} is larger than the {len(train_examples)} training examples; "
+            "lower --batch-size"
+        )
+    if not test_examples:
+        raise ConfigError(f"{config.dataset} has no test examples at max_length {max_length}")
+    seed_everything(config.seed)
+    model = load_model(source, task.kind, len(task.labels), tokenizer.pad_token_id)
+    if METHODS[config.method].adapter:
+        model = add_adapter(model, task.kind, config)
+    return task, tokenizer, train_examples, test_examples, model
+
+
+def add_adapter(model: nn.Module, kind: str, config: TrainConfig) -> nn.Module:
+    """Wrap ``model`` with the adapter ``config.adapter`` names; only adapters and the task head train."""
+    if config.adapter == "lora":
+        return add_lora(model, kind, config.rank, config.alpha, config.lora_dropout, config.target_module_list)
+    head = [name for name in ("classifier", "score") if kind == "classification" and hasattr(model, name)]
+    return add_bottleneck(model, BottleneckConfig(config.adapter, config.reduction_factor, head))
+
+
+def make_optimizer(
+    config: TrainConfig, model: nn.Module, total_steps: int
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """AdamW over the parameters that require grad now; ``lr_scheduler`` after a linear ``lr_warmup_ratio`` warm-up."""
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
+    warmup = round(config.lr_warmup_ratio * total_steps)
+    scheduler = get_scheduler(LR_SCHEDULERS[config.lr_scheduler], optimizer, warmup, total_steps)
+    return optimizer, scheduler
+
+
+def make_session(
+    config: TrainConfig,
+    safe: SafeConfig,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    total_steps: int,
+    examples: list[dict],
+    collate: Collator,
+    group: distributed.Group,
+    device: torch.device,
+) -> SafeSession:
+    """The run's ``SafeSession``: the method's freezing (SAFE, a baseline's plan, or none) and checkpointing plan,
+    the probe from the training examples, a budget's worst case at this rank's micro-batch size."""
+    row = METHODS[config.method]
+    return SafeSession(
+        model,
+        safe,
+        optimizer,
+        total_steps=total_steps,
+        examples=examples,
+        collate=collate,
+        batch_size=math.ceil(config.batch_size // group.world_size / config.grad_accum),
+        strategy=planned_strategy(config, total_steps) if row.freezing == PLANNED else None,
+        freeze=freezes(config.method),
+        checkpointing=config.checkpointing,
+        memory_budget=config.memory_budget,
+        autocast=partial(autocast, config, device),
+    )
+
+
+def make_prefix_cache(
+    config: TrainConfig, model: nn.Module, blocks: dict[int, nn.Module], examples: list[dict]
+) -> PrefixCache:
+    """The frozen-prefix cache's file in ``cache_dir`` (or the temp dir), sized by ``cache_max_gb``."""
+    return PrefixCache(
+        model,
+        [blocks[i] for i in sorted(blocks)],
+        [len(example["input_ids"]) for example in examples],
+        Path(config.cache_dir or tempfile.gettempdir()) / f".safefreeze-prefix-cache-{os.getpid()}.bin",
+        int(config.cache_max_gb * 1e9),
+        CACHE_DTYPES[config.cache_dtype],
+    )
+
+
+def autocast(config: TrainConfig, device: torch.device):
+    """``--precision``'s autocast for forward and backward (nothing for fp32)."""
+    dtype = PRECISIONS[config.precision]
+    return torch.autocast(device.type, dtype) if dtype else nullcontext()

@@ -1,0 +1,146 @@
+"""``SafeSession``: the lifecycle every loop shares, driven here as a user's own loop does (README snippet)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from safefreeze import SafeConfig, SafeSession
+from safefreeze.core.config import ConfigError
+from safefreeze.core.decisions import PlannedStrategy
+from safefreeze.core.freezer import SafeFreezer
+from safefreeze.core.probe import probe_order
+from safefreeze.core.units import find_units
+from safefreeze.session import on_rank_zero
+from safefreeze.training.data import Collator
+
+# Bottom-up at τ 1 without smoothing: by the end of the warm-up (step 4) the bottom three of MiniLM's six blocks freeze.
+SCORED = {"policy": "prefix", "tau": 1.0, "min_trainable": 3, "warmup_steps": 4, "score_every": 2, "smoothing": 0.0}
+
+
+def _own_loop(model, session: SafeSession, batches, optimizer) -> list:
+    """The README's own-loop snippet: before_forward, forward/backward/step, after_step."""
+    session.begin()
+    events = []
+    for step, batch in enumerate(batches, start=1):
+        session.before_forward(step)
+        model(**batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        event = session.after_step(step)
+        if event is not None:
+            events.append(event)
+    return events
+
+
+def test_a_users_own_loop_freezes_and_frozen_weights_stay(lora_minilm, trec_batch):
+    model = lora_minilm()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    session = SafeSession(model, SafeConfig(**SCORED), optimizer, total_steps=6)
+    batches = [trec_batch(8, offset=8 * i) for i in range(6)]
+    events = _own_loop(model, session, batches[:4], optimizer)
+    assert [e.step for e in events] == [2, 4]
+    assert session.freezer.frozen == {"block.0": 4, "block.1": 4, "block.2": 4} and session.frozen_prefix() == 3
+    frozen = [p.detach().clone() for name in session.freezer.frozen for p in _unit(session, name).parameters()]
+    assert all(not p.requires_grad for name in session.freezer.frozen for p in _unit(session, name).parameters())
+    _own_loop(model, session, batches[4:], optimizer)  # two more steps: nothing frozen moves
+    after = [p for name in session.freezer.frozen for p in _unit(session, name).parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(frozen, after, strict=True))
+    assert session.end() is None  # a bottom block froze: backward is shorter, nothing to explain
+
+
+def _unit(session: SafeSession, name: str):
+    return next(unit for unit in session.units if unit.name == name)
+
+
+def test_config_is_resolved_once_with_every_auto_decided(lora_minilm):
+    model = lora_minilm()
+    session = SafeSession(model, SafeConfig(seed=0), total_steps=100)
+    config = session.config
+    assert (config.policy, config.tau, config.min_trainable, config.warmup_steps) == ("threshold", 0.1, 1, 30)
+    assert isinstance(config.score_every, int) and isinstance(config.smoothing, float)
+    assert session.freezer.config == config and session.freezer.strategy.config == config  # one config decides
+    assert config.resolve(model, 100) == config  # resolving again changes nothing
+
+
+def test_a_warm_up_longer_than_the_run_is_refused_on_every_path(lora_minilm):
+    with pytest.raises(ConfigError, match="warm-up of 50 steps is longer than the 10 training steps"):
+        SafeSession(lora_minilm(), SafeConfig(warmup_steps=50), total_steps=10)
+
+
+def test_a_session_that_does_not_freeze_keeps_no_freezer_but_lists_units(lora_minilm):
+    model = lora_minilm()
+    session = SafeSession(model, SafeConfig(warmup_steps=50), total_steps=10, freeze=False)
+    assert session.freezer is None and len(session.units) == 6  # a LoRA run: its warm-up means nothing
+    assert session.after_step(1) is None and session.end() is None and session.frozen_prefix() == 0
+
+
+def test_the_probe_is_drawn_in_one_seeded_order(trec_examples, minilm_tokenizer, lora_minilm):
+    collate = Collator(minilm_tokenizer, "classification")
+    config = SafeConfig(score_on="probe", probe_size=8, seed=5)
+    session = SafeSession(lora_minilm(), config, total_steps=10, examples=trec_examples, collate=collate)
+    expected = collate([trec_examples[i] for i in probe_order(len(trec_examples), 5)[:8]])
+    assert set(session.probe()) == {"input_ids", "attention_mask"}  # labels dropped
+    assert all(torch.equal(session.probe()[key], expected[key]) for key in session.probe())
+    assert session.freezer.strategy.probe is not None  # SAFE scores on it
+
+
+def test_a_probe_without_examples_is_a_one_line_error(lora_minilm):
+    with pytest.raises(ConfigError, match="score_on 'probe' draws its probe from the training examples"):
+        SafeSession(lora_minilm(), SafeConfig(score_on="probe"), total_steps=10)
+
+
+def test_a_budget_on_a_stream_is_refused(lora_minilm, trec_examples, minilm_tokenizer):
+    session = SafeSession(
+        lora_minilm(),
+        SafeConfig(),
+        total_steps=10,
+        examples=iter(trec_examples),
+        collate=Collator(minilm_tokenizer, "classification"),
+        batch_size=8,
+        memory_budget="1GiB",
+    )
+    with pytest.raises(ConfigError, match="a streamed dataset cannot tell"):
+        session.begin()
+
+
+def test_state_dict_round_trips_through_json(lora_minilm, trec_batch):
+    import json
+
+    model = lora_minilm()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    session = SafeSession(model, SafeConfig(**SCORED), optimizer, total_steps=6)
+    _own_loop(model, session, [trec_batch(8, offset=8 * i) for i in range(4)], optimizer)
+    state = json.loads(json.dumps(session.state_dict()))
+    fresh = SafeSession(lora_minilm(), SafeConfig(**SCORED), total_steps=6)
+    fresh.load_state_dict(state)
+    assert fresh.freezer.frozen == session.freezer.frozen
+    assert fresh.freezer.events == session.freezer.events
+    assert fresh.state_dict() == state
+
+
+def test_a_planned_strategy_gets_the_resolved_config_and_the_units(lora_minilm):
+    seen = {}
+
+    def plan(config, units):
+        seen["config"], seen["units"] = config, units
+        return PlannedStrategy({0: ["block.0"]}, units)
+
+    session = SafeSession(lora_minilm(), SafeConfig(), total_steps=10, strategy=plan)
+    assert seen["config"] is session.config and seen["units"] is session.units
+    assert session.freezer.frozen == {"block.0": 0}  # frozen before the first step
+
+
+def test_the_freezer_refuses_what_a_given_strategy_would_ignore(lora_minilm, trec_batch):
+    model = lora_minilm()
+    strategy = PlannedStrategy({}, find_units(model))
+    with pytest.raises(ConfigError, match="a strategy and a probe or total_steps"):
+        SafeFreezer(model, SafeConfig(), probe=trec_batch(4), strategy=strategy)
+    with pytest.raises(ConfigError, match="a strategy and a probe or total_steps"):
+        SafeFreezer(model, SafeConfig(), total_steps=10, strategy=strategy)
+
+
+def test_on_rank_zero_in_one_process_calls_and_raises_as_is():
+    assert on_rank_zero(lambda: 7) == 7
+    with pytest.raises(ValueError, match="boom"):
+        on_rank_zero(lambda: (_ for _ in ()).throw(ValueError("boom")))
