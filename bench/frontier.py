@@ -6,8 +6,9 @@ good (``--method adapterdrop --drop-blocks k --drop-at t``; t = 0 is AdapterDrop
 single FreezeOut-like freeze). Saving is the run's mean activation memory and FLOPs per step as
 a ratio to LoRA of the same seed; cost is the held-out score against LoRA's. The frontier is the
 best score reachable at each saving: the grid cells no other cell beats on both. Rules are
-points beside it: SAFE's defaults, the paper's rule, FreezeOut, and any ``--rules`` given as
-SafeConfig settings; for each, the frontier's best score at a saving at least as large.
+points beside it: SAFE's defaults, FreezeOut, and any ``--rules`` given as SafeConfig settings
+(on a decoder, the paper's rule is ``"policy=threshold,tau=0.1,min_trainable=1"``; on an
+encoder it is the default); for each, the frontier's best score at a saving at least as large.
 
 Each run's report is kept under ``bench/results/frontier/<tag>/`` (git-ignored), so an
 interrupted grid resumes where it stopped; the summary the tables and figure are made from is
@@ -27,7 +28,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
-from run_lengths import frozen_prefix, parse_setting, run  # noqa: E402
+from run_lengths import frozen_prefix, parse_setting, run, task_options  # noqa: E402
 
 from safefreeze.core.config import SafeConfig  # noqa: E402
 from safefreeze.training.train import TrainConfig  # noqa: E402
@@ -36,7 +37,6 @@ HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "frontier"
 LOWER_IS_BETTER = {"perplexity", "loss"}
 FIELDS = ("tag", "seed", "name", "k", "t", "metric", "score", "delta", "memory", "flops", "frozen_units", "prefix")
-PAPER = "policy=threshold,tau=0.1,min_trainable=1"  # the paper's rule, whatever today's defaults are
 
 
 def measure(name: str, k, t, report: dict, lora: dict, tag: str, seed: int) -> dict:
@@ -77,9 +77,9 @@ def grid_rows(args, base: dict, tag: str, seed: int, lora: dict) -> list[dict]:
 
 
 def rule_rows(args, base: dict, tag: str, seed: int, lora: dict) -> list[dict]:
-    """SAFE's defaults, the paper's rule, FreezeOut and the ``--rules`` settings, trained now or read back."""
+    """SAFE's defaults, the ``--rules`` settings and FreezeOut, trained now or read back."""
     rows = []
-    settings = {"safe (defaults)": "", "safe (paper)": PAPER, **{f"safe ({text})": text for text in args.rules}}
+    settings = {"safe (defaults)": "", **{f"safe ({text})": text for text in args.rules}}
     for name, text in settings.items():
         config = TrainConfig(**base, method="safe", seed=seed)
         safe = SafeConfig(**{"seed": seed, **parse_setting(text)})
@@ -212,16 +212,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     tag = args.tag or f"{Path(args.model).stem}-{Path(args.dataset).stem}-n{args.steps}-b{args.batch_size}"
-    base = {
-        "model": args.model,
-        "dataset": args.dataset,
-        "max_steps": args.steps,
-        "batch_size": args.batch_size,
-        "max_length": args.max_length,
-        "target_modules": args.target_modules,
-        "eval_examples": args.eval_examples,
-        "flops_every": args.flops_every,
-    }
+    base = {**task_options(args), "max_steps": args.steps}
     rows = []
     for seed in args.seeds:
         lora = run(

@@ -53,6 +53,12 @@ def parse_setting(text: str) -> dict:
     return setting
 
 
+def task_options(args: argparse.Namespace) -> dict:
+    """The ``TrainConfig`` options every cell of a grid shares, from the command line."""
+    names = ("model", "dataset", "batch_size", "max_length", "target_modules", "eval_examples", "flops_every")
+    return {name: getattr(args, name) for name in names}
+
+
 def run(directory: Path, config: TrainConfig, safe: SafeConfig) -> dict:
     """A run's report, trained now or read from ``directory/report.json`` if that run had this configuration.
 
@@ -117,15 +123,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     tag = args.tag or f"{Path(args.model).stem}-{Path(args.dataset).stem}-b{args.batch_size}"
-    base = {
-        "model": args.model,
-        "dataset": args.dataset,
-        "batch_size": args.batch_size,
-        "max_length": args.max_length,
-        "target_modules": args.target_modules,
-        "eval_examples": args.eval_examples,
-        "flops_every": args.flops_every,
-    }
+    base = task_options(args)
     lines = [
         "| steps | setting | score | Δ vs LoRA | frozen units (per seed) | frozen prefix (per seed) | "
         "act. mem / LoRA | FLOPs / LoRA | scoring / train time |",

@@ -37,7 +37,7 @@ from safefreeze.core.decisions import Decision, DecisionStrategy, ScoredStrategy
 from safefreeze.core.merge import check_mergeable, merge_unit, unmerge_unit
 from safefreeze.core.policy import frozen_prefix
 from safefreeze.core.quantization import check_trainable
-from safefreeze.core.units import AdapterUnit, block_index, find_units
+from safefreeze.core.units import AdapterUnit, find_blocks, find_units
 
 T = TypeVar("T")
 
@@ -297,7 +297,20 @@ class SafeFreezer:
         return frozen_prefix(self.units, self.frozen)
 
     def diagnose(self) -> list[str]:
-        """What would silently keep backward from stopping above frozen blocks, one sentence each."""
+        """What would silently keep backward from stopping above frozen blocks, one sentence each.
+
+        A trainable parameter of no unit is *below* when it runs before the lowest trainable unit's block: that
+        block's input then requires grad, and every block under it keeps its activations. Told by where it sits
+        in the model, not by its name, and without a forward (scoring on the training forward adds none). Inside
+        the block stack (``find_blocks``) its block's index says so. Outside it, the order the model declares its
+        modules in (``model.modules()``): transformers declares them in the order its forward runs them (input
+        embeddings and their norm, a vision tower and its projector, the blocks, the final norm, a pooler, the task
+        head), so a module declared before block 0 feeds it and one declared after reads the last block's output.
+        An embedding table (``nn.Embedding``) is always below: it reads token or position ids, never a block's
+        output, wherever it is declared (DeBERTa's relative positions, after its blocks). Known misorders: OPT
+        declares its final norm and output projection before its blocks (trainable, they are reported), DeBERTa-v3
+        its relative-position norm after them (trainable, it is missed).
+        """
         problems = []
         for name in dict.fromkeys(name for name, _, _ in input_require_grads_hooks(self.model)):
             problems.append(
@@ -305,15 +318,25 @@ class SafeFreezer:
                 "checkpointing): every block keeps its activations and freezing saves no memory; remove it and use "
                 "SAFE's checkpointing with safefreeze.take_over_checkpointing(model)"
             )
+        blocks = find_blocks(self.model)
         lowest = min((u.block for u in self.trainable_units), default=None)
         unit_params = {id(p) for u in self.units for p in u.parameters()}
+        block_of = {id(p): index for index, block in blocks.items() for p in block.parameters()}
+        modules = list(self.model.modules())
+        first_block = modules.index(blocks[0]) if blocks else 0
+        declared: dict[int, tuple[int, bool]] = {}  # parameter -> (its module's place in model.modules(), a table?)
+        for place, module in enumerate(modules):
+            for param in module.parameters(recurse=False):
+                declared.setdefault(id(param), (place, isinstance(module, nn.Embedding)))
         for name, param in self.model.named_parameters():
             if not param.requires_grad or id(param) in unit_params:
                 continue
-            index = block_index(name)
-            below = (
-                "embed" in name and "lm_head" not in name if index is None else lowest is not None and index < lowest
-            )
+            index = block_of.get(id(param))
+            if index is None:
+                place, table = declared[id(param)]
+                below = table or place < first_block
+            else:
+                below = lowest is not None and index < lowest
             if below:
                 problems.append(
                     f"{name} is trainable below the lowest trainable adapter unit: autograd keeps the activations of "

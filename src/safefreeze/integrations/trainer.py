@@ -58,11 +58,13 @@ the resumed run plans its checkpointing from the same numbers.
 from __future__ import annotations
 
 import logging
+import os
 from contextlib import nullcontext
 from functools import partial
 
 import torch
 from torch import nn
+from torch.distributed import fsdp
 from transformers import PreTrainedModel, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import ExportableState
 from transformers.training_args import ParallelMode
@@ -104,6 +106,47 @@ def check_ddp(args: TrainingArguments, model: nn.Module) -> None:
         )
 
 
+def check_engine(args: TrainingArguments, model: nn.Module) -> None:
+    """Refuse, before training, an engine whose parameters SAFE cannot freeze one adapter at a time.
+
+    DeepSpeed ZeRO (any stage: ``deepspeed=`` or ``accelerate launch --use_deepspeed``, both seen as
+    ``args.deepspeed_plugin``) keeps the trainable parameters' gradients and optimizer state in flat partitions
+    of its own, built once when training starts: a unit frozen later keeps its share there. FSDP1
+    (``FullyShardedDataParallel``: ``fsdp_config={"version": 1}``, accelerate's ``FSDP_VERSION`` 1, its default
+    when ``--use_fsdp`` is set alone, or a model the user wrapped) computes one gradient for each wrapped block's
+    parameters flattened together, set up when it wraps. What works: DDP with unused-parameter detection
+    (``check_ddp``) and FSDP2 (``fsdp_config={"version": 2}``, transformers' default; torch's ``fully_shard``),
+    whose parameters stay the model's own.
+
+    Raises:
+        ConfigError: under DeepSpeed or FSDP1, in one line naming what works instead.
+    """
+    instead = (
+        "use DDP with TrainingArguments(ddp_find_unused_parameters=True), or FSDP2 (TrainingArguments(fsdp=True, "
+        "fsdp_config={'version': 2}), or torch's fully_shard)"
+    )
+    if args.deepspeed or getattr(args, "deepspeed_plugin", None) is not None:
+        stage = getattr(args.deepspeed_plugin, "zero_stage", None)
+        raise ConfigError(
+            f"SAFE does not run under DeepSpeed{'' if stage is None else f' (ZeRO stage {stage})'}, which keeps "
+            "gradients and optimizer state in flat partitions built at the start, so a frozen adapter keeps its "
+            f"share; {instead}"
+        )
+    plugin = getattr(args, "fsdp_plugin_args", None)  # transformers' arguments for Accelerate's FSDP plugin
+    if plugin:
+        version = int(plugin.get("fsdp_version", 1))
+    elif os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":  # accelerate launch --use_fsdp
+        version = int(os.environ.get("FSDP_VERSION", "1"))
+    else:
+        version = None
+    wrapped = getattr(fsdp, "FullyShardedDataParallel", ())  # FSDP1's wrapper (isinstance of () is False)
+    if version == 1 or any(isinstance(module, wrapped) for module in model.modules()):
+        raise ConfigError(
+            "SAFE does not run under FSDP1 (FullyShardedDataParallel), which computes one gradient for each wrapped "
+            f"block's parameters flattened together, so a frozen adapter still gets its share; {instead}"
+        )
+
+
 def event_logs(event: FreezeEvent) -> dict[str, float]:
     """The log values of one freeze event: each unit's importance, the threshold, frozen units and bottom blocks."""
     logs = {f"safe/importance/{name}": score for name, score in event.scores.items()}
@@ -140,8 +183,8 @@ class SafeCallback(TrainerCallback, ExportableState):
 
     Raises:
         ConfigError: at construction, for contradicting switches or a size that does not parse; at train begin,
-            under DDP that cannot lose parameters (``check_ddp``), with transformers' offloading checkpointing, or
-            for a budget no plan meets.
+            under DeepSpeed or FSDP1 (``check_engine``), under DDP that cannot lose parameters (``check_ddp``), with
+            transformers' offloading checkpointing, or for a budget no plan meets.
     """
 
     def __init__(
@@ -156,6 +199,7 @@ class SafeCallback(TrainerCallback, ExportableState):
         self._log_plan = False  # whether the checkpointing plan is logged: SAFE's own, or one taken over
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, train_dataloader=None, **kwargs):
+        check_engine(args, model)
         check_ddp(args, model)
         if args.report_to:
             logger.warning(

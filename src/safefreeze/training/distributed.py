@@ -38,6 +38,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from safefreeze.core.config import ConfigError
+from safefreeze.session import on_rank_zero
 
 T = TypeVar("T")
 _ENV = (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"))
@@ -92,18 +93,7 @@ class Group:
 
     def on_main(self, fn: Callable[[], T]) -> T:
         """Run ``fn`` on rank 0 only and hand every rank its result (or raise its exception everywhere)."""
-        if self.world_size == 1:
-            return fn()
-        outcome: list = [None, None]
-        if self.is_main:
-            try:
-                outcome[0] = fn()
-            except Exception as error:  # re-raised on every rank below, so none waits for the others
-                outcome[1] = error
-        dist.broadcast_object_list(outcome, src=0)
-        if outcome[1] is not None:
-            raise outcome[1]
-        return outcome[0]
+        return fn() if self.world_size == 1 else on_rank_zero(fn)
 
     def gather(self, value: T) -> list[T]:
         """Every rank's ``value``, indexed by rank (picklable objects)."""
