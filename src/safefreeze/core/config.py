@@ -40,7 +40,7 @@ from safefreeze.core.schedule import MEASUREMENTS, SCHEDULES, score_every_for, s
 from safefreeze.core.units import find_units, is_decoder_only
 
 GRANULARITIES = ("block", "module")
-IMPORTANCES = ("cka", "random")
+IMPORTANCES = ("cka", "gradnorm", "random")
 SCORE_ON = ("train", "probe")
 POLICIES = ("threshold", "resource", "prefix")  # safefreeze.core.policy implements them
 AUTO = "auto"  # a value derived from the run (its warm-up length, its model), see the resolve_* methods
@@ -111,7 +111,11 @@ class SafeConfig:
     )
     importance: str = field(
         default="cka",
-        metadata={"help": "unit importance: 'cka' (1 - CKA of feature maps) or 'random' (ablation)"},
+        metadata={
+            "help": "unit importance: 'cka' (1 - CKA of feature maps: impact, the paper's), 'gradnorm' (how fast "
+            "the unit's gradient norm still changes between measurements: convergence, after AutoFreeze; needs "
+            "score_on 'train') or 'random' (ablation)"
+        },
     )
     smoothing: float | str = field(
         default=AUTO,
@@ -172,6 +176,8 @@ class SafeConfig:
             raise ConfigError(
                 f"smoothing_halflife must be >= 0 (a fraction of the warm-up), got {self.smoothing_halflife}"
             )
+        if self.importance == "gradnorm" and self.score_on == "probe":
+            raise ConfigError("importance 'gradnorm' reads the training step's gradients: use score_on 'train'")
         if not 0.0 <= self.resource_weight <= 1.0:
             raise ConfigError(f"resource_weight must be in [0, 1], got {self.resource_weight}")
         for name, allowed in (

@@ -15,7 +15,9 @@ anything itself: freezing is the freezer's, one code path for every strategy.
   policy (policy.py), keeping at least ``min_trainable`` units trainable. A frozen unit is
   no longer measured: its raw importance stays at its last measurement. A measurement
   whose top importance is round-off (``MEASURABLE``: the adapters still compute the
-  identity, as LoRA does before its first update) decides nothing.
+  identity, as LoRA does before its first update) decides nothing. With
+  ``importance="gradnorm"`` the importance is a convergence signal instead: how fast each
+  unit's gradient norm still changes between measurements (gradients.py, after AutoFreeze).
 
   X and Y come from the *training forward* of the due step when the loop lets the strategy
   watch it (``watch`` before that forward): the features are there already, so a
@@ -40,6 +42,7 @@ import torch
 from torch import nn
 
 from safefreeze.core.config import SafeConfig
+from safefreeze.core.gradients import GradientCapture, change_rates
 from safefreeze.core.policy import choose_units
 from safefreeze.core.quantization import scoring_mode
 from safefreeze.core.schedule import threshold
@@ -106,6 +109,8 @@ class ScoredStrategy:
         self._generator = torch.Generator().manual_seed(config.seed)
         self._capture = FeatureCapture(units, config.probe_rows, config.seed)
         self._watched = False  # whether the capture was armed for this step's training forward
+        self._gradients = GradientCapture(units)  # importance "gradnorm": the watched step's gradient norms
+        self._norms: dict[str, float] = {}  # each unit's gradient norm at its previous measurement
 
     @property
     def score_every(self) -> int:
@@ -125,10 +130,14 @@ class ScoredStrategy:
 
     def watch(self, frozen: Mapping[str, int]) -> None:
         """Score the units still trainable on the model's next forward: the training forward of a due step."""
+        trainable = [u for u in self.units if u.name not in frozen]
         if self.config.importance == "cka" and self.config.score_on == "train":
-            self._capture.units = [u for u in self.units if u.name not in frozen]
+            self._capture.units = trainable
             self._capture.start(model=self.model)
             self._watched = True
+        elif self.config.importance == "gradnorm":
+            self._gradients.units = trainable
+            self._gradients.start()
 
     def decide(self, step: int, frozen: Mapping[str, int]) -> Decision:
         """Score, take the bar ``T(step)``, and choose at most ``trainable − min_trainable`` units below it."""
@@ -150,8 +159,12 @@ class ScoredStrategy:
         """
         if self.config.importance == "random":
             raw = {u.name: float(torch.rand((), generator=self._generator)) for u in self.units}
+        elif self.config.importance == "gradnorm":
+            raw = {**self._raw, **self._gradient_importance()}
         else:
             raw = {**self._raw, **self._cka_importance(frozen)}
+        if not raw:
+            return dict(self._smoothed)  # a first gradient reading: no change rate yet
         top = max(raw.values())
         if top <= MEASURABLE:
             return dict(self._smoothed)  # no adapter has changed its output yet: there is no ranking to take
@@ -176,6 +189,18 @@ class ScoredStrategy:
             )
         return self._probe_importance(frozen)
 
+    def _gradient_importance(self) -> dict[str, float]:
+        """The change rate of each trainable unit's gradient norm since its previous measurement (gradients.py)."""
+        if not self._gradients.watched:
+            raise RuntimeError(
+                "SAFE has no gradient to measure at this step: call session.before_forward(step) (or "
+                "freezer.watch(step)) before the step's forward and backward"
+            )
+        now = self._gradients.unit_norms()
+        rates = change_rates(now, self._norms)
+        self._norms = {**self._norms, **now}
+        return rates
+
     @torch.no_grad()
     def _probe_importance(self, frozen: Collection[str]) -> dict[str, float]:
         """1 − CKA per trainable unit on the probe, in eval mode (4-bit base layers excepted: quantization.py)."""
@@ -195,6 +220,7 @@ class ScoredStrategy:
             "warmup_steps": self.warmup_steps,
             "smoothed": dict(self._smoothed),
             "raw": dict(self._raw),
+            "grad_norms": dict(self._norms),
             "generator": self._generator.get_state(),
         }
 
@@ -202,6 +228,7 @@ class ScoredStrategy:
         self.warmup_steps = state["warmup_steps"]
         self._smoothed = dict(state["smoothed"])
         self._raw = dict(state.get("raw", {}))
+        self._norms = dict(state.get("grad_norms", {}))
         self._generator.set_state(state["generator"])
 
 
