@@ -144,7 +144,10 @@ def _add_bench(commands) -> None:
     presets = bench.add_mutually_exclusive_group()
     presets.add_argument("--quick", action="store_true", help="the quick preset (under 15 min on 2 CPU cores)")
     presets.add_argument(
-        "--preset", default=None, help="a preset by name (bench/presets/NAME.toml) or file (default: full)"
+        "--preset",
+        default=None,
+        help="a shipped preset by name (quick, full, memory ...; ./bench/presets/NAME.toml first) or a file "
+        "(default: full)",
     )
     bench.add_argument("--out", type=Path, default=None, help="bench directory (default: bench/results/<preset>)")
     bench.add_argument("--tasks", default=None, help="comma-separated subset of trec, movies, hamlet")

@@ -212,7 +212,9 @@ def test_bench_methods_are_the_method_table():
     assert [name for name, row in METHODS.items() if row.follows_safe] == ["random", "adapterdrop"]
 
 
-def test_presets_are_data_files(tmp_path):
+def test_presets_are_data_files(tmp_path, monkeypatch):
+    """The presets ship with the package: found from any directory, without the source tree's bench/."""
+    monkeypatch.chdir(tmp_path)
     quick = load_preset("quick")
     assert quick.seeds == (0,) and quick.methods["hamlet"] == ("lora", "safe", "random", "adapterdrop")
     assert quick.train["trec"]["max_steps"] == 80

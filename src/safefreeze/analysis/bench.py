@@ -1,6 +1,7 @@
 """The benchmark grid: methods × tasks × seeds, trained and measured the same way, side by side.
 
-A grid is a preset, a data file under ``bench/presets/`` (quick.toml, full.toml): its seeds,
+A grid is a preset, a data file shipped in ``safefreeze/analysis/presets/`` (quick.toml, full.toml; a
+``bench/presets/NAME.toml`` of the user's in the current directory comes first): its seeds,
 the methods per task (names of the method table, training/methods.py, SAFE's variants
 included) and the options of each task's runs. Every cell is one ``train`` run written to
 ``OUT/<task>/s<seed>/<method>/`` (report.json, report.md, metrics.jsonl, the adapter). A cell
@@ -38,8 +39,8 @@ from safefreeze.training.configfile import read_mapping
 from safefreeze.training.methods import METHODS
 from safefreeze.training.train import train
 
-PRESETS_DIR = Path("bench") / "presets"  # NAME.toml, looked up in the current directory, then in the source tree
-_SOURCE_PRESETS = Path(__file__).resolve().parents[3] / PRESETS_DIR
+PRESETS_DIR = Path("bench") / "presets"  # the user's own NAME.toml, looked up first, in the current directory
+SHIPPED_PRESETS = Path(__file__).resolve().parent / "presets"  # package data: quick, full, ... in any install
 COSTS = (  # summary key, column label
     ("activation_bytes_mean", "act. mem mean"),
     ("activation_bytes_peak", "act. mem peak"),
@@ -66,12 +67,13 @@ class Preset:
 
 
 def load_preset(name: str | Path) -> Preset:
-    """A preset from a .toml/.yaml file, or by name from ``bench/presets/NAME.toml`` (see ``PRESETS_DIR``)."""
+    """A preset from a .toml/.yaml file, or by name: ``bench/presets/NAME.toml`` in the current directory, else the
+    preset shipped with the package (``SHIPPED_PRESETS``)."""
     path = Path(name)
     if path.suffix not in (".toml", ".yaml", ".yml"):
-        found = [d / f"{name}.toml" for d in (PRESETS_DIR, _SOURCE_PRESETS) if (d / f"{name}.toml").is_file()]
+        found = [d / f"{name}.toml" for d in (PRESETS_DIR, SHIPPED_PRESETS) if (d / f"{name}.toml").is_file()]
         if not found:
-            known = sorted({p.stem for d in (PRESETS_DIR, _SOURCE_PRESETS) if d.is_dir() for p in d.glob("*.toml")})
+            known = sorted({p.stem for d in (PRESETS_DIR, SHIPPED_PRESETS) if d.is_dir() for p in d.glob("*.toml")})
             raise ConfigError(
                 f"unknown bench preset {name!r}; choose one of {', '.join(known) or 'none found'} "
                 f"({PRESETS_DIR}/) or pass a .toml file"
