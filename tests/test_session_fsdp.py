@@ -1,8 +1,12 @@
-"""SafeCallback under FSDP: every rank scores, because the probe forward of a sharded model is a collective.
+"""``is_sharded`` (session.py) tells a model sharded by FSDP2 (``fully_shard``) from a plain one.
 
-Rank 0 deciding alone (the DDP rule) deadlocks there: rank 0 all-gathers the weights for
-the probe forward while the other ranks wait in the broadcast of its decision. The
-detection runs on a real FSDP2 model (``fully_shard``) in a one-rank gloo group.
+This is all it checks, on one rank of a gloo group: no Trainer, no scoring, no second rank. Why it
+matters: ``SafeSession`` then has every rank score the probe, because the probe forward of a sharded
+model is a collective; rank 0 deciding alone (the DDP rule) would deadlock, all-gathering the weights
+while the other ranks wait in the broadcast of its decision. A real FSDP2 run through the Trainer is not
+tested: Accelerate sets up FSDP only on accelerators (on CPU ranks the Trainer runs DDP). Scoring and
+freezing on two FSDP2 ranks, in a user's loop, is tests/core/test_freezer_fsdp.py; the Trainer's refusal
+of FSDP1 and DeepSpeed, tests/integrations/test_trainer_engines.py.
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ def _rank(rank: int, port: int, directory: str) -> None:
     torch.distributed.destroy_process_group()
 
 
-def test_a_sharded_model_is_scored_on_every_rank(tmp_path):
+def test_is_sharded_is_false_for_a_plain_model_and_true_once_fully_shard_wraps_it(tmp_path):
     mp.spawn(_rank, args=(_free_port(), str(tmp_path)), nprocs=1, join=True)
     outcome = torch.load(tmp_path / "outcome.pt")
     assert outcome == {"before": False, "after": True}
