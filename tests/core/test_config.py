@@ -109,3 +109,13 @@ def test_from_dict_refuses_an_unknown_key_naming_the_closest():
         SafeConfig.from_dict({"tau": 0.2, "warmup_step": 10})
     with pytest.raises(ConfigError, match=r"unknown SAFE setting 'zzz'; known settings: tau, "):
         SafeConfig.from_dict({"zzz": 1})
+
+
+def test_model_kind_overrides_what_transformers_says(lora_minilm, tiny_llama):
+    """A user whose model transformers cannot classify (or classifies wrong) names its kind."""
+    decoder = add_lora(tiny_llama(num_hidden_layers=4), "causal_lm", 4, 8, 0.0)
+    assert SafeConfig().for_model(decoder).policy == "prefix"
+    assert SafeConfig(model_kind="encoder").for_model(decoder).policy == "threshold"
+    assert SafeConfig(model_kind="decoder").for_model(lora_minilm()).policy == "prefix"
+    with pytest.raises(ConfigError, match="model_kind must be one of auto, decoder, encoder, got 'llm'"):
+        SafeConfig(model_kind="llm")

@@ -44,6 +44,7 @@ IMPORTANCES = ("cka", "gradnorm", "random")
 SCORE_ON = ("train", "probe")
 POLICIES = ("threshold", "resource", "prefix")  # safefreeze.core.policy implements them
 AUTO = "auto"  # a value derived from the run (its warm-up length, its model), see the resolve_* methods
+MODEL_KINDS = (AUTO, "decoder", "encoder")  # model_kind: which defaults a model gets (for_model)
 DEFAULT_TAU = {"threshold": 0.1, "resource": 0.1, "prefix": 0.3}  # tau "auto", per policy (module docstring)
 DECODER_TRAINABLE_SHARE = 0.5  # min_trainable "auto" on a decoder: this share of the units never freezes (docstring)
 
@@ -147,6 +148,13 @@ class SafeConfig:
             "decoder-only LM (Llama, Qwen, GPT-2 ...), threshold on an encoder (BERT ...)"
         },
     )
+    model_kind: str = field(
+        default=AUTO,
+        metadata={
+            "help": f"which defaults the model gets: 'decoder' (a decoder-only LM), 'encoder', or '{AUTO}': asked of "
+            "transformers (the model type has a causal-LM class and is no encoder-decoder)"
+        },
+    )
     resource_weight: float = field(
         default=0.5,
         metadata={"help": "resource policy: how far a unit's bar moves per block its freezing releases, in [0, 1]"},
@@ -186,6 +194,7 @@ class SafeConfig:
             ("importance", IMPORTANCES),
             ("score_on", SCORE_ON),
             ("policy", (*POLICIES, AUTO)),
+            ("model_kind", MODEL_KINDS),
         ):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
@@ -193,12 +202,13 @@ class SafeConfig:
     def for_model(self, model: nn.Module) -> SafeConfig:
         """This configuration with ``policy``, ``tau`` and ``min_trainable`` decided for ``model`` where ``auto``.
 
-        A decoder-only LM (``units.is_decoder_only`` of ``model.config``) gets ``prefix`` and keeps
-        ``DECODER_TRAINABLE_SHARE`` of its units (of ``granularity``, found on ``model``) trainable;
-        anything else gets ``threshold`` and keeps one. ``tau`` then comes from ``DEFAULT_TAU`` for the
+        A decoder-only LM (``units.is_decoder_only`` of ``model.config``, or ``model_kind="decoder"``) gets
+        ``prefix`` and keeps ``DECODER_TRAINABLE_SHARE`` of its units (of ``granularity``, found on ``model``)
+        trainable; anything else gets ``threshold`` and keeps one. ``tau`` then comes from ``DEFAULT_TAU`` for the
         policy. The cadence and smoothing stay ``auto``: they depend on the run's length, not on the model.
         """
-        decoder = is_decoder_only(getattr(model, "config", None))
+        auto = self.model_kind == AUTO
+        decoder = is_decoder_only(getattr(model, "config", None)) if auto else self.model_kind == "decoder"
         policy = self.policy
         if policy == AUTO:
             policy = "prefix" if decoder else "threshold"
