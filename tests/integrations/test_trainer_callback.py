@@ -16,9 +16,10 @@ import sys
 
 import pytest
 import torch
-from transformers import TrainerCallback
+from transformers import TrainerCallback, TrainerState
 
 from safefreeze import SafeCallback, SafeConfig
+from safefreeze.core.config import ConfigError
 from safefreeze.core.state import STATE_NAME, read_state
 from safefreeze.core.units import find_blocks
 from safefreeze.memory.accounting import record_saved_tensors
@@ -212,3 +213,18 @@ def test_import_leaves_the_trainer_machinery_unloaded():
     )
     lines = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert lines == ["[]", "True"]
+
+
+def test_an_older_checkpoints_safe_state_is_refused_not_ignored(
+    lora_classifier, classifier_trainer, trec_examples, tmp_path, random_freezing
+):
+    """Resuming from SAFE state the session cannot read would restart freezing from nothing, silently."""
+    callback = SafeCallback(random_freezing())
+    model = lora_classifier()
+    trainer = classifier_trainer(model, trec_examples[:16], tmp_path, [callback], max_steps=4)
+    old = TrainerState(global_step=2, max_steps=4, stateful_callbacks={"SafeCallback": {"freezer": {"frozen": {}}}})
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+    with pytest.raises(ConfigError, match="written by an older safefreeze"):
+        callback.on_train_begin(
+            trainer.args, old, None, model=model, optimizer=optimizer, train_dataloader=trainer.get_train_dataloader()
+        )

@@ -230,6 +230,11 @@ class SafeCallback(TrainerCallback, ExportableState):
         save_state_with_model(model, self.freezer)
         saved = (state.stateful_callbacks or {}).get(type(self).__name__)
         saved = saved[0] if isinstance(saved, list) else saved
+        if state.global_step > 0 and saved and saved.get("freezer"):  # written before SafeSession held the state
+            raise ConfigError(
+                "this checkpoint's SAFE state was written by an older safefreeze (before SafeSession); resume it "
+                "with that version, or start the run again"
+            )
         if state.global_step > 0 and saved and saved.get("session"):
             self.session.load_state_dict(saved["session"])
             logger.info("SAFE: resumed at step %d with %d frozen units", state.global_step, len(self.freezer.frozen))
