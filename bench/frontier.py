@@ -8,7 +8,8 @@ a ratio to LoRA of the same seed; cost is the held-out score against LoRA's. The
 best score reachable at each saving: the grid cells no other cell beats on both. Rules are
 points beside it: SAFE's defaults, FreezeOut, and any ``--rules`` given as SafeConfig settings
 (on a decoder, the paper's rule is ``"policy=threshold,tau=0.1,min_trainable=1"``; on an
-encoder it is the default); for each, the frontier's best score at a saving at least as large.
+encoder it is the default); for each, its gap: how far below the frontier it lies at its own
+saving (the frontier read linearly between the two cells around that saving).
 
 Each run's report is kept under ``bench/results/frontier/<tag>/`` (git-ignored), so an
 interrupted grid resumes where it stopped; the summary the tables and figure are made from is
@@ -63,8 +64,8 @@ def measure(name: str, k, t, report: dict, lora: dict, tag: str, seed: int) -> d
 
 
 def grid_rows(args, base: dict, tag: str, seed: int, lora: dict) -> list[dict]:
-    """Every (k, t) cell of the grid, trained now or read back."""
-    rows = []
+    """Every (k, t) cell of the grid, trained now or read back; LoRA itself is the cell k = 0 (nothing saved)."""
+    rows = [measure("k0", 0, 0, lora, lora, tag, seed)]
     for k in args.blocks:
         for share in args.at:
             t = round(share * args.steps)
@@ -137,10 +138,15 @@ def frontier(cells: list[dict]) -> list[dict]:
     return sorted(best, key=lambda cell: -cell["memory"])
 
 
-def best_at(line: list[dict], memory: float) -> dict | None:
-    """The frontier's best point at a saving at least as large as ``memory``'s (None if none saves as much)."""
-    reachable = [point for point in line if point["memory"] <= memory + 1e-9]
-    return max(reachable, key=goodness, default=None)
+def frontier_at(line: list[dict], memory: float) -> float | None:
+    """The frontier's goodness at a rule's own saving: linear between the two frontier cells around it (None
+    beyond the frontier's largest saving)."""
+    for high, low in zip(line, line[1:], strict=False):  # by decreasing memory: high saves less, low more
+        if low["memory"] <= memory <= high["memory"]:
+            span = high["memory"] - low["memory"]
+            weight = 0.0 if span == 0 else (high["memory"] - memory) / span
+            return (1 - weight) * goodness(high) + weight * goodness(low)
+    return goodness(line[0]) if line and memory >= line[0]["memory"] else None
 
 
 def tables(tag: str, points: list[dict]) -> str:
@@ -155,9 +161,11 @@ def tables(tag: str, points: list[dict]) -> str:
     for p in points:
         if p["k"] != "":
             continue
-        best = best_at(line, p["memory"])
-        reference = f"{best['name']} {best['delta']:+.4f}" if best else "none saves as much"
-        gap = f"{goodness(best) - goodness(p):+.4f}" if best else "—"
+        reach = frontier_at(line, p["memory"])
+        sign = -1 if p["metric"] in LOWER_IS_BETTER else 1
+        reference, gap = (
+            ("beyond the grid", "—") if reach is None else (f"{sign * reach:+.4f}", f"{reach - goodness(p):.4f}")
+        )
         out.append(
             f"| {p['name']} | {p['delta']:+.4f} (± {p['spread']:.4f}) | {p['memory']:.3f} | {p['flops']:.3f} | "
             f"{reference} | {gap} |"
