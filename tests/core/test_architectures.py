@@ -46,20 +46,8 @@ IMAGE_TOKEN = VOCAB - 1
 LANGUAGE_MODEL_LORA = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 
 
-def _llama_like(config_class, **extra):
-    return config_class(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        **extra,
-    )
-
-
 def _bert_like(config_class, **extra):
+    """A tiny config of transformers' common field names: 4 blocks of width 32, 4 heads."""
     return config_class(
         vocab_size=VOCAB,
         hidden_size=32,
@@ -69,6 +57,11 @@ def _bert_like(config_class, **extra):
         max_position_embeddings=64,
         **extra,
     )
+
+
+def _llama_like(config_class, **extra):
+    """``_bert_like`` with grouped-query attention (2 key-value heads), as Llama-family configs take it."""
+    return _bert_like(config_class, num_key_value_heads=2, **extra)
 
 
 def _llava():
