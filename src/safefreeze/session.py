@@ -39,7 +39,7 @@ from torch.distributed import fsdp
 
 from safefreeze.core.config import ConfigError, SafeConfig
 from safefreeze.core.decisions import DecisionStrategy, ScoredStrategy
-from safefreeze.core.freezer import FreezeEvent, NoSaving, SafeFreezer
+from safefreeze.core.freezer import FreezeEvent, NoSaving, SafeFreezer, in_this_process
 from safefreeze.core.probe import draw_probe, probe_order
 from safefreeze.core.state import freezer_state, load_freezer_state
 from safefreeze.core.units import AdapterUnit, find_units, is_adapter_module
@@ -69,10 +69,6 @@ def on_rank_zero(fn: Callable[[], T]) -> T:
     if outcome[1] is not None:
         raise outcome[1]
     return outcome[0]
-
-
-def _in_this_process(fn: Callable[[], T]) -> T:
-    return fn()
 
 
 def is_sharded(model: nn.Module) -> bool:
@@ -143,7 +139,7 @@ class SafeSession:
             decided = ScoredStrategy(self.model, self.config, self.units, probe, total_steps)
         # A probe forward under FSDP is a collective: every rank scores it (the same batch) and decides alike.
         alike = self.config.score_on == "probe" and is_sharded(self.model)
-        decide_on = _in_this_process if alike else on_rank_zero
+        decide_on = in_this_process if alike else on_rank_zero
         return SafeFreezer(self.model, self.config, optimizer, strategy=decided, units=self.units, decide_on=decide_on)
 
     def probe(self) -> dict[str, torch.Tensor]:

@@ -139,7 +139,8 @@ def release(unit: AdapterUnit, optimizer: torch.optim.Optimizer | None) -> tuple
     return parameters, state_bytes
 
 
-def _in_this_process(decide: Callable[[], T]) -> T:
+def in_this_process(decide: Callable[[], T]) -> T:
+    """Decide in this process only: one process, or ranks that all decide alike (FSDP probe scoring)."""
     return decide()
 
 
@@ -189,7 +190,7 @@ class SafeFreezer:
         total_steps: int | None = None,
         strategy: DecisionStrategy | None = None,
         units: list[AdapterUnit] | None = None,
-        decide_on: Callable[[Callable[[], T]], T] = _in_this_process,
+        decide_on: Callable[[Callable[[], T]], T] = in_this_process,
     ) -> None:
         if strategy is not None and (probe is not None or total_steps is not None):
             raise ConfigError(
