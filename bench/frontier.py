@@ -6,14 +6,14 @@ good (``--method adapterdrop --drop-blocks k --drop-at t``; t = 0 is AdapterDrop
 single FreezeOut-like freeze). Saving is the run's mean activation memory and FLOPs per step as
 a ratio to LoRA of the same seed; cost is the held-out score against LoRA's. The frontier is the
 best score reachable at each saving: the grid cells no other cell beats on both. Rules are
-points beside it: SAFE's defaults, FreezeOut, and any ``--rules`` given as SafeConfig settings
-(on a decoder, the paper's rule is ``"policy=threshold,tau=0.1,min_trainable=1"``; on an
-encoder it is the default); for each, its gap: how far below the frontier it lies at its own
+points beside it: SAFE's default rule, the paper's (``SafeConfig.paper()``), FreezeOut, and any
+``--rules`` given as SafeConfig settings; for each, its gap: how far below the frontier it lies at its own
 saving (the frontier read linearly between the two cells around that saving).
 
 Each run's report is kept under ``bench/results/frontier/<tag>/`` (git-ignored), so an
-interrupted grid resumes where it stopped; the summary the tables and figure are made from is
-written to ``bench/frontier/<tag>.csv`` (committed), the figure to ``bench/figures/frontier-<tag>.png``.
+interrupted grid resumes where it stopped; the rows the tables and figure are made from are
+written to ``bench/frontier/<tag>.csv`` (one per run) and ``<tag>-mean.csv`` (means over seeds, with the seeds'
+spread of the score), both committed, the figure to ``bench/figures/frontier-<tag>.png``.
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/frontier.py --dataset trec --steps 300 --batch-size 16 --seeds 0
 """
@@ -37,7 +37,9 @@ from safefreeze.training.train import TrainConfig  # noqa: E402
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "frontier"
 LOWER_IS_BETTER = {"perplexity", "loss"}
+BUILTIN = ("default", "paper", "freezeout")
 FIELDS = ("tag", "seed", "name", "k", "t", "metric", "score", "delta", "memory", "flops", "frozen_units", "prefix")
+MEAN_FIELDS = ("name", "k", "t", "metric", "score", "delta", "memory", "flops", "spread", "seeds")
 
 
 def measure(name: str, k, t, report: dict, lora: dict, tag: str, seed: int) -> dict:
@@ -66,32 +68,42 @@ def measure(name: str, k, t, report: dict, lora: dict, tag: str, seed: int) -> d
 def grid_rows(args, base: dict, tag: str, seed: int, lora: dict) -> list[dict]:
     """Every (k, t) cell of the grid, trained now or read back; LoRA itself is the cell k = 0 (nothing saved)."""
     rows = [measure("k0", 0, 0, lora, lora, tag, seed)]
-    for k in args.blocks:
-        for share in args.at:
-            t = round(share * args.steps)
-            config = TrainConfig(**base, method="adapterdrop", drop_blocks=k, drop_at=t, seed=seed)
-            safe = SafeConfig(seed=seed, min_trainable=1)
-            report = run(RESULTS / tag / f"k{k}-t{t}-s{seed}", config, safe)
-            rows.append(measure(f"k{k}@t{t}", k, t, report, lora, tag, seed))
-            print(_line(rows[-1]), flush=True)
+    cells = args.cells or [(k, share) for k in args.blocks for share in args.at]
+    for k, share in cells:
+        t = round(share * args.steps)
+        config = TrainConfig(**base, method="adapterdrop", drop_blocks=k, drop_at=t, seed=seed)
+        safe = SafeConfig(seed=seed, min_trainable=1)
+        report = run(RESULTS / tag / f"k{k}-t{t}-s{seed}", config, safe)
+        rows.append(measure(f"k{k}@t{t}", k, t, report, lora, tag, seed))
+        print(_line(rows[-1]), flush=True)
     return rows
 
 
 def rule_rows(args, base: dict, tag: str, seed: int, lora: dict) -> list[dict]:
-    """SAFE's defaults, the ``--rules`` settings and FreezeOut, trained now or read back."""
+    """SAFE's default rule, the paper's, the ``--rules`` settings and FreezeOut, trained now or read back."""
     rows = []
-    settings = {"safe (defaults)": "", **{f"safe ({text})": text for text in args.rules}}
-    for name, text in settings.items():
+    builtin = {"default": SafeConfig(seed=seed), "paper": SafeConfig.paper(seed=seed)}
+    settings = {
+        **{f"safe ({label})": (label, builtin[label]) for label in args.builtin if label in builtin},
+        **{f"safe ({text})": (text, SafeConfig(**{"seed": seed, **parse_setting(text)})) for text in args.rules},
+    }
+    for name, (label, safe) in settings.items():
         config = TrainConfig(**base, method="safe", seed=seed)
-        safe = SafeConfig(**{"seed": seed, **parse_setting(text)})
-        report = run(RESULTS / tag / f"safe-{text or 'defaults'}-s{seed}", config, safe)
+        report = run(RESULTS / tag / f"safe-{label}-s{seed}", config, safe)
         rows.append(measure(name, "", "", report, lora, tag, seed))
         print(_line(rows[-1]), flush=True)
-    config = TrainConfig(**base, method="freezeout", seed=seed)
-    report = run(RESULTS / tag / f"freezeout-s{seed}", config, SafeConfig(seed=seed))
-    rows.append(measure("freezeout", "", "", report, lora, tag, seed))
-    print(_line(rows[-1]), flush=True)
+    if "freezeout" in args.builtin:
+        config = TrainConfig(**base, method="freezeout", seed=seed)
+        report = run(RESULTS / tag / f"freezeout-s{seed}", config, SafeConfig(seed=seed))
+        rows.append(measure("freezeout", "", "", report, lora, tag, seed))
+        print(_line(rows[-1]), flush=True)
     return rows
+
+
+def _cell(text: str) -> tuple[int, float]:
+    """``"10@0.3"`` -> (10, 0.3): the bottom 10 blocks frozen at 30 % of the run."""
+    k, _, share = text.partition("@")
+    return int(k), float(share)
 
 
 def _line(row: dict) -> str:
@@ -214,7 +226,17 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--blocks", type=int, nargs="+", default=[1, 2, 3, 4, 5], help="k: bottom blocks frozen")
     parser.add_argument("--at", type=float, nargs="+", default=[0.0, 0.1, 0.3, 0.6], help="t as a share of steps")
+    parser.add_argument(
+        "--cells", type=_cell, nargs="*", default=None, help="only these cells, as k@share (e.g. 5@0 10@0.3)"
+    )
     parser.add_argument("--rules", nargs="*", default=[], help='more SAFE rules as SafeConfig "key=value,..."')
+    parser.add_argument(
+        "--builtin",
+        nargs="*",
+        choices=BUILTIN,
+        default=list(BUILTIN),
+        help="the rules always measured: SAFE's default, the paper's rule, FreezeOut (default: all)",
+    )
     parser.add_argument("--flops-every", type=int, default=25)
     parser.add_argument("--tag", default=None, help="results name (default: model-dataset-nSTEPS-bBATCH)")
     args = parser.parse_args()
@@ -234,9 +256,16 @@ def main() -> None:
         writer.writeheader()
         writer.writerows(rows)
     points = averaged(rows)
+    with open(HERE / "frontier" / f"{tag}-mean.csv", "w", newline="") as file:
+        writer = csv.DictWriter(file, MEAN_FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(points)
     figure(tag, points, HERE / "figures" / f"frontier-{tag}.png")
     print(tables(tag, points))
-    print(f"wrote {path.relative_to(HERE.parent)} and bench/figures/frontier-{tag}.png")
+    print(
+        f"wrote {path.relative_to(HERE.parent)}, its means over seeds in bench/frontier/{tag}-mean.csv and "
+        f"bench/figures/frontier-{tag}.png"
+    )
 
 
 if __name__ == "__main__":

@@ -14,6 +14,12 @@ found no instruction set shipped inside a PyPI package to use instead).
     python examples/sft_trl.py --bf16 --gradient-checkpointing --grad-accum 4
     python examples/sft_trl.py --load-in-4bit                     # QLoRA (needs bitsandbytes)
     python examples/sft_trl.py --model path/to/model.gguf         # any model export_model takes
+
+With SAFE's defaults a 60-step run may freeze nothing: the warm-up is 30 % of the run (18
+steps), and on a decoder the adapters' ranking turns over only after ~100 steps
+(BENCHMARKS.md, "Run length and decoders"), so no unit falls under the threshold in time. The
+run then ends with a warning saying why. The command shows the integration, not the saving:
+for freezing, train a few hundred steps (``--max-steps 500``) or pass ``--tau``.
 """
 
 from __future__ import annotations
@@ -60,10 +66,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def instructions(limit: int | None) -> Dataset:
-    """The instruction set in TRL's conversational prompt-completion format."""
-    task = load_task("trec-chat")
-    return Dataset.from_list([{"prompt": e.prompt, "completion": e.completion} for e in task.train[:limit]])
+def instructions(limit: int | None, split: str = "train") -> Dataset:
+    """The instruction set's ``split`` ("train", or "test": held out) in TRL's conversational prompt-completion
+    format."""
+    examples = getattr(load_task("trec-chat"), split)[:limit]
+    return Dataset.from_list([{"prompt": e.prompt, "completion": e.completion} for e in examples])
 
 
 def model_folder(model: str, folder: Path) -> Path:

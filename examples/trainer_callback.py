@@ -1,11 +1,16 @@
 """SAFE in an ordinary transformers + PEFT fine-tuning script: the change is one line.
 
 A plain Trainer script fine-tunes MiniLM with LoRA on TREC question classification; the
-``callbacks=[SafeCallback(...)]`` line adds selective adapter freezing. Runs on CPU in a
-couple of minutes:
+``callbacks=[SafeCallback(SafeConfig())]`` line adds selective adapter freezing with the
+defaults, as the README shows. Runs on CPU in a couple of minutes:
 
     python examples/trainer_callback.py --max-steps 60
+    python examples/trainer_callback.py --max-steps 60 --tau 0.5 --score-every 5
     python examples/trainer_callback.py --max-steps 60 --no-safe   # the same run without SAFE
+
+The defaults are meant for runs of a few hundred steps: in 60 steps they may freeze nothing
+(the ranking of the adapters has not settled), and the run then says why in a warning. The
+second command sets a higher threshold and a denser cadence so that a 60-step run freezes.
 
 It prints the accuracy and the frozen units; ``trainer.save_model`` writes the adapter
 (loadable with plain ``PeftModel.from_pretrained``) and, with SAFE, ``safe_state.json`` beside it.
@@ -37,6 +42,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--max-steps", type=int, default=60)
     parser.add_argument("--out", default="runs/example-trainer")
+    parser.add_argument("--tau", type=float, default=None, help="SAFE's final threshold (default: SafeConfig's)")
+    parser.add_argument("--score-every", type=int, default=None, help="steps between scorings (default: SafeConfig's)")
     parser.add_argument("--no-safe", action="store_true", help="train plain LoRA, without the callback")
     args = parser.parse_args()
 
@@ -60,7 +67,8 @@ def main() -> None:
         report_to=[],  # SAFE's values join the log records: to chart them, list e.g. TensorBoardCallback after it
         seed=0,
     )
-    callbacks = [] if args.no_safe else [SafeCallback(SafeConfig(tau=0.5, score_every=5))]  # <- the one line
+    settings = {name: value for name in ("tau", "score_every") if (value := getattr(args, name)) is not None}
+    callbacks = [] if args.no_safe else [SafeCallback(SafeConfig(**settings))]  # <- the one line
     trainer = Trainer(
         model=model,
         args=training_args,

@@ -5,10 +5,13 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# safefreeze's cache (a .gguf file's config: training/models.py) goes to a folder of this test run, not the user's
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="safefreeze-tests-cache-")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -1,8 +1,10 @@
+import importlib.metadata
 import json
 
 import pytest
 
-from safefreeze.cli import main
+from safefreeze.cli import _configs, build_parser, main
+from safefreeze.core.config import SafeConfig
 
 FAST = ["--max-steps", "6", "--batch-size", "8", "--flops-every", "3", "--eval-batch-size", "128", "--quiet"]
 SAFE_FAST = ["--warmup-steps", "4", "--score-every", "2", "--tau", "0.9", "--probe-size", "8"]
@@ -11,6 +13,7 @@ SAFE_FAST = ["--warmup-steps", "4", "--score-every", "2", "--tau", "0.9", "--pro
 def _check_report(report, method):
     assert report["method"] == method and report["model"] == "minilm" and report["dataset"] == "trec"
     assert report["seed"] == 0
+    assert report["safefreeze_version"] == importlib.metadata.version("safefreeze")
     assert list(report["eval"])[0] == "accuracy" and 0.0 <= report["eval"]["accuracy"] <= 1.0
     assert [s["step"] for s in report["steps"]] == list(range(1, 7))
     assert all(s["activation_bytes"] > 0 and s["loss"] > 0 for s in report["steps"])
@@ -62,6 +65,22 @@ def test_train_says_why_nothing_froze_when_tau_is_too_low(tmp_path, capsys):
     assert line.startswith("SAFE froze nothing: at its last measurement (step 4) the least important unit, block.")
     assert "against a threshold of 0.000; set --tau above" in line
     assert line in capsys.readouterr().out.splitlines() and line in (out / "report.md").read_text()
+
+
+def test_paper_selects_the_papers_rule_and_safe_flags_given_with_it_still_apply():
+    _, default = _configs(build_parser().parse_args(["train"]))
+    assert default == SafeConfig(seed=0)  # the bottom policy, once resolved
+    _, paper = _configs(build_parser().parse_args(["train", "--paper", "--tau", "0.2", "--seed", "3"]))
+    assert paper == SafeConfig.paper(tau=0.2, seed=3)
+    assert (paper.policy, paper.importance, paper.min_trainable) == ("threshold", "cka", 1)
+
+
+def test_a_train_only_option_in_a_compare_config_file_is_one_line(tmp_path, capsys):
+    config = tmp_path / "run.toml"
+    config.write_text("[checkpoints]\nsave_every = 10\n")
+    assert main(["compare", "--config", str(config), "--out", str(tmp_path / "cmp"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "save_every is an option of safefreeze train only" in err and len(err.splitlines()) == 1
 
 
 @pytest.mark.parametrize(

@@ -143,6 +143,27 @@ def test_memory_section_sets_checkpointing_and_budget(tmp_path):
     assert (config.checkpointing, config.memory_budget) == ("all", None)
 
 
+@pytest.mark.parametrize(
+    "content", ["[checkpoints]\nsave_every = 100\nkeep_checkpoints = 3\n", "save-every = 100\nkeep-checkpoints = 3\n"]
+)
+def test_train_checkpoint_flags_from_a_file(tmp_path, content):
+    """``save_every`` and ``keep_checkpoints`` (train's checkpoints group) are read from a file; the flag wins."""
+    path = tmp_path / "run.toml"
+    path.write_text(content)
+    args = build_parser().parse_args(["train", "--config", str(path), "--keep-checkpoints", "5"])
+    config, _ = _configs(args)
+    assert (args.save_every, args.keep_checkpoints) == (100, 5)
+    assert "save_every" not in vars(config)  # how a run is saved is not part of what it is
+
+
+def test_train_checkpoint_flags_in_a_file_are_whole_numbers(tmp_path, capsys):
+    path = tmp_path / "run.yaml"
+    path.write_text("checkpoints:\n  save_every: often\n")
+    assert main(["train", "--config", str(path), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "save_every must be a whole number, got 'often'" in err and err.count("\n") == 1
+
+
 def test_help_shows_the_option_groups():
     train = build_parser()._subparsers._group_actions[0].choices["train"]
     groups = {group.title: {action.dest for action in group._group_actions} for group in train._action_groups}

@@ -55,12 +55,27 @@ def _unit(session: SafeSession, name: str):
 
 def test_config_is_resolved_once_with_every_auto_decided(lora_minilm):
     model = lora_minilm()
-    session = SafeSession(model, SafeConfig(seed=0), total_steps=100)
+    session = SafeSession(model, SafeConfig(seed=0, policy="threshold"), total_steps=100)
     config = session.config
     assert (config.policy, config.tau, config.min_trainable, config.warmup_steps) == ("threshold", 0.1, 1, 30)
     assert isinstance(config.score_every, int) and isinstance(config.smoothing, float)
     assert session.freezer.config == config and session.freezer.strategy.config == config  # one config decides
     assert config.resolve(model, 100) == config  # resolving again changes nothing
+
+
+def test_the_default_freezes_the_bottom_third_before_the_first_step_and_scores_nothing(lora_minilm):
+    """SafeConfig() on MiniLM's 6 blocks: blocks 0-1 frozen at step 0 (their LoRA B stays exactly zero, so the
+    forward is LoRA's), the session draws no probe and no step is due."""
+    model = lora_minilm()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    session = SafeSession(model, SafeConfig(), optimizer, total_steps=100)
+    assert (session.config.policy, session.config.bottom_share, session.config.tau) == ("bottom", 1 / 3, None)
+    assert session.freezer.frozen == {"block.0": 0, "block.1": 0} and session.frozen_prefix() == 2
+    assert [event.step for event in session.freezer.events] == [0]
+    assert not any(session.freezer.is_due(step) for step in range(1, 101))
+    frozen = [p for u in session.units[:2] for m in u.modules.values() for p in m.parameters()]
+    assert frozen and not any(p.requires_grad for p in frozen)
+    assert session.end() is None  # it froze by design: nothing to explain
 
 
 def test_a_warm_up_longer_than_the_run_is_refused_on_every_path(lora_minilm):

@@ -1,5 +1,6 @@
 """``safefreeze`` command line: ``train`` one run, ``compare`` LoRA and SAFE side by side,
-``bench`` a grid of methods × tasks × seeds, ``plot`` and ``landscape`` what they wrote.
+``bench`` a grid of methods × tasks × seeds, ``plot`` and ``landscape`` what they wrote,
+``plan`` a step's memory before training.
 
 Options are generated from the option groups of ``TrainConfig`` (training/config.py) and
 from ``SafeConfig``, so their help text lives in one place and ``--help`` shows them in the
@@ -74,9 +75,13 @@ def _add_dataclass_options(parser: argparse.ArgumentParser, cls, title: str, ski
         group.add_argument(option, dest=f.name, type=_option_type(str(f.type)), default=None, help=help_text)
 
 
+def _given(cls, args: argparse.Namespace) -> dict:
+    """The fields of dataclass ``cls`` given on the command line (or by a config file)."""
+    return {f.name: getattr(args, f.name) for f in fields(cls) if getattr(args, f.name, None) is not None}
+
+
 def _from_args(cls, args: argparse.Namespace, **extra):
-    given = {f.name: getattr(args, f.name) for f in fields(cls) if getattr(args, f.name, None) is not None}
-    return cls(**{**given, **extra})
+    return cls(**{**_given(cls, args), **extra})
 
 
 def _seed_list(text: str) -> list[int]:
@@ -94,10 +99,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_commands(commands)
     _add_bench(commands)
     plot = commands.add_parser(
-        "plot", help="draw PNG plots of a run, compare or bench directory into it", description="Draw PNG plots."
+        "plot",
+        help="draw PNG plots of a run, compare or bench directory into it",
+        description="Draw PNG plots of a run, compare or bench directory into it, embedded in its Markdown report: "
+        "importance heatmap, freeze timeline, activation memory and FLOPs per step (against the budget), loss per "
+        "step; for a bench, score against activation memory.",
     )
     plot.add_argument("directory", type=Path, help="a run, compare or bench directory; the plots are written into it")
     _add_landscape(commands)
+    _add_plan(commands)
     export = commands.add_parser(
         "export-model", help="write a bundled model or a .gguf file as a plain transformers folder with its tokenizer"
     )
@@ -122,6 +132,12 @@ def _add_run_commands(commands) -> None:
         )
         sub.add_argument("--out", type=Path, default=None, help="run directory (default: runs/<model>-<dataset>-...)")
         sub.add_argument("--quiet", action="store_true", help="no progress bars")
+        sub.add_argument(
+            "--paper",
+            action="store_true",
+            help="SAFE's rule as the paper states it (--policy threshold --tau 0.1 --importance cka "
+            "--min-trainable 1) instead of the default bottom policy; SAFE's flags given with it still apply",
+        )
         for section, group in OPTION_GROUPS.items():
             _add_dataclass_options(sub, group, section, _SAFE_FLAGS_SKIPPED if group is SafeConfig else frozenset())
     runs = train.add_argument_group("checkpoints")
@@ -163,6 +179,31 @@ def _add_bench(commands) -> None:
     bench.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+# The options ``plan`` takes, by group: the flags of ``train`` that change what a step holds.
+_PLAN_OPTIONS = {
+    "model": {"model"},
+    "data": {"dataset", "max_length", "text_column", "text_pair_column", "label_column"},
+    "adapter": {"adapter", "target_modules", "rank", "alpha", "lora_dropout", "reduction_factor"},
+    "method": {"method"},
+    "optimisation": {"batch_size", "grad_accum"},
+    "memory": {"memory_budget"},
+}
+
+
+def _add_plan(commands) -> None:
+    plan = commands.add_parser(
+        "plan",
+        help="predict one training step's peak memory by category (weights, gradients, optimizer state, activations, "
+        "temporaries): LoRA, every block checkpointed, under --memory-budget, bottom blocks frozen",
+        description="Predict a training step's peak memory before training, on the meta device (no weights are "
+        "read, nothing is computed), at the worst case: --batch-size / --grad-accum rows of --max-length tokens, "
+        "fp32, AdamW.",
+    )
+    for section, names in _PLAN_OPTIONS.items():
+        group = OPTION_GROUPS[section]
+        _add_dataclass_options(plan, group, section, {f.name for f in fields(group)} - names)
+
+
 def _add_landscape(commands) -> None:
     landscape = commands.add_parser(
         "landscape", help="loss surfaces, Hessian sharpness and adapter norms of a run (or of every run in a dir)"
@@ -188,6 +229,8 @@ def apply_config_file(args: argparse.Namespace) -> int | None:
     safe_seed = sections["safe"].pop("seed", None)
     for options in sections.values():
         for key, value in options.items():
+            if not hasattr(args, key):
+                raise ConfigError(f"--config {args.config}: {key} is an option of safefreeze train only")
             if value is not None and getattr(args, key) in (None, False):
                 setattr(args, key, Path(value) if key == "out" else value)
     return safe_seed
@@ -203,7 +246,8 @@ def _configs(args: argparse.Namespace, method: str | None = None) -> tuple[Train
             f"--config {args.config}: [safe] seed {safe_seed} differs from the run's seed {config.seed}; "
             "SAFE's seed is the run's, set seed once in [optimisation]"
         )
-    return config, _from_args(SafeConfig, args, seed=config.seed)
+    rule = SafeConfig.paper if args.paper else SafeConfig
+    return config, rule(**{**_given(SafeConfig, args), "seed": config.seed})
 
 
 def _resumed_configs(args: argparse.Namespace, identity: dict) -> tuple[TrainConfig, SafeConfig]:
@@ -356,6 +400,34 @@ def command_landscape(args: argparse.Namespace) -> None:
     print(f"wrote {args.directory}/landscape.json, landscape.md and landscape.png")
 
 
+def command_plan(args: argparse.Namespace) -> None:
+    import time
+
+    from safefreeze.core.units import find_blocks
+    from safefreeze.memory.budget import parse_size
+    from safefreeze.memory.forecast import forecast, render
+    from safefreeze.training.build import blank_model, make_optimizer
+    from safefreeze.training.methods import METHODS
+
+    started = time.perf_counter()
+    config = _from_args(TrainConfig, args)
+    model, batch = blank_model(config)
+    optimizer, _ = make_optimizer(config, model, total_steps=1)
+    blocks = len(find_blocks(model))
+    frozen = sorted({blocks // 4, blocks // 2, 3 * blocks // 4} - {0})
+    budget = parse_size(config.memory_budget) if config.memory_budget else None
+    result = forecast(model, optimizer, batch, budget, frozen)
+    rows, tokens = batch["input_ids"].shape
+    adapter = f"LoRA r {config.rank}" if config.adapter == "lora" else config.adapter
+    print(
+        f"{config.model} + {adapter if METHODS[config.method].adapter else 'no adapter'}, {rows} x {tokens} tokens, "
+        f"fp32, AdamW: one training step at its peak (planned in {time.perf_counter() - started:.1f} s)\n"
+    )
+    print(render(result.rows))
+    if result.unmet:
+        raise ConfigError(result.unmet)
+
+
 def command_export_model(args: argparse.Namespace) -> None:
     from safefreeze.training.models import export_model
 
@@ -374,6 +446,7 @@ def main(argv: list[str] | None = None) -> int:
             "plot": command_plot,
             "landscape": command_landscape,
             "export-model": command_export_model,
+            "plan": command_plan,
         }
         with runlog.third_party_logs():  # other libraries' warnings go to run.log, not the terminal
             commands[args.command](args)

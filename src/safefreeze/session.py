@@ -5,6 +5,7 @@ The reference loop (training/train.py), ``SafeCallback`` in a transformers or TR
 
     session = SafeSession(model, SafeConfig(), optimizer, total_steps=n, examples=train_set, collate=collate)
     session.begin()                       # the checkpointing plan (under a budget: measured on the worst batch)
+                                          # (measure_memory=True: each step's whole peak in session.step_peak)
     for step, batch in enumerate(loader, start=1):
         session.before_forward(step)      # a due step is scored on this very forward
         model(**batch).loss.backward(); optimizer.step(); optimizer.zero_grad()
@@ -21,6 +22,8 @@ What it owns, so that no loop writes it a second time:
 - the decision on rank 0 under ``torch.distributed`` (``on_rank_zero``), applied by every rank;
 - activation checkpointing and the memory budget (``memory.plan.ActivationPlan``): block costs
   measured on the worst-case micro-batch under the run's autocast, re-planned at every freeze event;
+- with ``measure_memory``, each step's whole peak (``memory.tracker``: weights, gradients, optimizer
+  state, activations, temporaries), measured from ``before_forward`` to ``after_step``: ``step_peak``;
 - its state for resuming, ``state_dict``/``load_state_dict``, in plain JSON values.
 
 A session that does not ``freeze`` (LoRA, full fine-tuning) still owns the checkpointing plan.
@@ -38,17 +41,19 @@ from torch import nn
 from torch.distributed import fsdp
 
 from safefreeze.core.config import ConfigError, SafeConfig
-from safefreeze.core.decisions import DecisionStrategy, ScoredStrategy
+from safefreeze.core.decisions import DecisionStrategy, strategy_for
 from safefreeze.core.freezer import FreezeEvent, NoSaving, SafeFreezer, in_this_process
 from safefreeze.core.probe import draw_probe, probe_order
 from safefreeze.core.state import freezer_state, load_freezer_state
 from safefreeze.core.units import AdapterUnit, find_units, is_adapter_module
 from safefreeze.memory.budget import longest_batch
 from safefreeze.memory.plan import ActivationPlan, active
+from safefreeze.memory.predict import StepMemory
 from safefreeze.memory.recompute import take_over_checkpointing
+from safefreeze.memory.tracker import StepPeak, StepTracker
 
 T = TypeVar("T")
-# (resolved config, units) -> how the run decides; None in SafeSession means SAFE's own ScoredStrategy
+# (resolved config, units) -> how the run decides; None in SafeSession means the policy's own (strategy_for)
 StrategyFactory = Callable[[SafeConfig, list[AdapterUnit]], DecisionStrategy]
 
 
@@ -94,8 +99,10 @@ class SafeSession:
         strategy: how units are chosen, given the resolved config and the units; None is SAFE's own.
         freeze: False for a run that freezes nothing (LoRA): the session only plans checkpointing.
         checkpointing: ``"none"``, ``"all"`` or ``"auto"`` (memory.plan).
-        memory_budget: the activation peak a step may hold, e.g. ``"6GiB"``; implies ``"auto"``.
+        memory_budget: the peak a whole step may hold, e.g. ``"6GiB"``; implies ``"auto"``.
+        activation_budget: the saved-activation peak a step may hold instead; implies ``"auto"``.
         autocast: the run's autocast (a context factory), under which block costs are measured.
+        measure_memory: measure each step's whole peak (``step_peak``); it slows the step down.
 
     Raises:
         ConfigError: a contradicting switch, a warm-up longer than the run, a probe or a budget that
@@ -116,12 +123,17 @@ class SafeSession:
         freeze: bool = True,
         checkpointing: str = "none",
         memory_budget: str | None = None,
+        activation_budget: str | None = None,
         autocast: Callable[[], AbstractContextManager] = nullcontext,
+        measure_memory: bool = False,
     ) -> None:
-        self.model = model
+        self.model, self.optimizer = model, optimizer
         self.examples, self.collate, self.batch_size = examples, collate, batch_size
         self.autocast = autocast
-        self.plan = ActivationPlan.from_switches(checkpointing, memory_budget)
+        self.plan = ActivationPlan.from_switches(checkpointing, memory_budget, activation_budget)
+        self.measure_memory = measure_memory
+        self.step_peak: StepPeak | None = None  # the last measured step's (measure_memory)
+        self._tracker: StepTracker | None = None
         self.taken_over = take_over_checkpointing(model)  # transformers' checkpointing, now SAFE's (or None)
         # A run that freezes nothing keeps the user's config (its warm-up means nothing) and lists its units, if any.
         self.config = config.resolve(model, total_steps) if freeze else config
@@ -135,12 +147,17 @@ class SafeSession:
         if strategy is not None:
             decided = strategy(self.config, self.units)
         else:
-            probe = self.probe() if self.config.score_on == "probe" else None
-            decided = ScoredStrategy(self.model, self.config, self.units, probe, total_steps)
+            probe = self.probe() if self.scores_on_probe else None
+            decided = strategy_for(self.model, self.config, self.units, probe, total_steps)
         # A probe forward under FSDP is a collective: every rank scores it (the same batch) and decides alike.
-        alike = self.config.score_on == "probe" and is_sharded(self.model)
+        alike = self.scores_on_probe and is_sharded(self.model)
         decide_on = in_this_process if alike else on_rank_zero
         return SafeFreezer(self.model, self.config, optimizer, strategy=decided, units=self.units, decide_on=decide_on)
+
+    @property
+    def scores_on_probe(self) -> bool:
+        """Whether the run's decisions score a probe batch (a scored policy with ``score_on="probe"``)."""
+        return self.config.policy != "bottom" and self.config.score_on == "probe"
 
     def probe(self) -> dict[str, torch.Tensor]:
         """The probe: ``probe_size`` training examples in the probe's seeded order, collated by the run's collator
@@ -164,7 +181,7 @@ class SafeSession:
             batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in self._worst_batch().items()}
             with self.autocast():
                 self.plan.measure(self.model, batch)
-        return self.plan.apply(self.model, self.frozen_prefix())
+        return self.plan.apply(self.model, self.frozen_prefix(), self.optimizer)
 
     def _worst_batch(self) -> dict:
         """The ``batch_size`` longest training examples, collated: what a budget must hold."""
@@ -182,21 +199,34 @@ class SafeSession:
         return batch
 
     def before_forward(self, step: int) -> None:
-        """Call before the forward of optimizer step ``step`` (1-based): a due step is scored on that forward."""
+        """Call before the forward of optimizer step ``step`` (1-based): a due step is scored on that forward;
+        with ``measure_memory`` the step's measurement starts here."""
+        if self.measure_memory:
+            self._stop_measuring()  # a step that raised before after_step
+            self._tracker = StepTracker(self.model, self.optimizer)
+            self._tracker.start()
         if self.freezer is not None:
             self.freezer.watch(step)
 
     def after_step(self, step: int) -> FreezeEvent | None:
-        """Call after optimizer step ``step``: the freeze event it made (re-planning checkpointing), or None."""
+        """Call after optimizer step ``step``: the freeze event it made (re-planning checkpointing), or None.
+        The step's measurement (``step_peak``) ends before the decision."""
+        self._stop_measuring()
         if self.freezer is None or not self.freezer.is_due(step):
             return None
         event = self.freezer.step(step)
-        self.plan.follow(self.model, event)
+        self.plan.follow(self.model, event, self.optimizer)
         return event
+
+    def _stop_measuring(self) -> None:
+        if self._tracker is not None:
+            self.step_peak = self._tracker.stop()
+            self._tracker = None
 
     def end(self) -> NoSaving | None:
         """Take merged units out of the base weights (a plain PEFT model again) and say why the run's freezing
         shortened no backward pass (``NoSaving``: ``.sentence()`` words it), None when it did or froze by design."""
+        self._stop_measuring()
         if self.freezer is None:
             return None
         self.freezer.unmerge()
@@ -214,6 +244,10 @@ class SafeSession:
     def planned_peak(self) -> int | None:
         """The planned worst-case activation peak under the current plan, or None without a budget."""
         return self.plan.peak(self.model, self.frozen_prefix())
+
+    def predicted_step(self) -> StepMemory | None:
+        """The whole step's predicted worst-case peak under the current plan, or None without a budget."""
+        return self.plan.predict(self.model, self.frozen_prefix(), self.optimizer)
 
     # -- resuming ---------------------------------------------------------------------------
     def state_dict(self) -> dict:

@@ -42,7 +42,8 @@ def fake_train(calls: list):
             "resident_peak_bytes": 1000 * scale,
             "cuda_peak_bytes": None,
             "checkpointing": config.checkpointing,
-            "memory_budget_bytes": parse_size(config.memory_budget) if config.memory_budget else None,
+            "activation_budget_bytes": parse_size(config.activation_budget) if config.activation_budget else None,
+            "memory_budget_bytes": None,
         }
         score = 0.5 + 0.1 * config.seed + (0.05 if config.method == "safe" else 0.0)
         steps = [{"step": 1, "loss": 1.0, "activation_bytes": 1, "flops": 1, "seconds": None, "frozen_units": 0}]
@@ -255,9 +256,9 @@ def test_budget_methods_take_half_of_loras_peak_of_the_same_cell(tmp_path, monke
         m: json.loads((tmp_path / "trec" / "s0" / m / "report.json").read_text())["config"]
         for m in preset.methods["trec"]
     }
-    assert configs["lora+ckpt"]["checkpointing"] == "all" and configs["lora+ckpt"]["memory_budget"] is None
-    assert configs["lora+budget"]["memory_budget"] == configs["safe+budget"]["memory_budget"] == "100B"
-    assert configs["lora"]["memory_budget"] is None and configs["safe"]["memory_budget"] is None
+    assert configs["lora+ckpt"]["checkpointing"] == "all" and configs["lora+ckpt"]["activation_budget"] is None
+    assert configs["lora+budget"]["activation_budget"] == configs["safe+budget"]["activation_budget"] == "100B"
+    assert configs["lora"]["activation_budget"] is None and configs["safe"]["activation_budget"] is None
     ratios = {entry["method"]: entry["resident_peak_bytes_vs_lora"] for entry in table}
     assert ratios == {"lora": 1.0, "safe": 0.5, "lora+ckpt": 1.0, "lora+budget": 1.0, "safe+budget": 0.5}
     assert "resident peak" in (tmp_path / "results.md").read_text()

@@ -54,12 +54,12 @@ def test_bench_directory(tmp_path, monkeypatch):
 def test_peak_memory_is_drawn_against_the_budget(quick_train, tmp_path, monkeypatch):
     lora = quick_train("lora").report
     budget = lora["summary"]["activation_bytes_peak"] // 2
-    safe = quick_train("safe", memory_budget=f"{budget}B").report
+    safe = quick_train("safe", activation_budget=f"{budget}B").report
     for report in (lora, safe):
         write_run(tmp_path / report["method"], report)
-    rows = f"| memory budget MiB | {budget / MIB:,.2f} |\n| checkpointing | auto |"
+    rows = f"| activation budget MiB | {budget / MIB:,.2f} |\n| checkpointing | auto |"
     assert rows in (tmp_path / "safe" / "report.md").read_text()
-    assert "| memory budget MiB |" not in (tmp_path / "lora" / "report.md").read_text()
+    assert "budget MiB |" not in (tmp_path / "lora" / "report.md").read_text()
     figures = {}
 
     def keep(figure, path):

@@ -255,7 +255,7 @@ def test_a_single_stack_model_is_scored_and_its_bottom_half_freezes(name):
         inside = {id(m) for m in blocks[unit.block].modules()}
         assert all(id(module) in inside for module in unit.modules.values())
     assert is_decoder_only(model.config) is kind.decoder
-    assert SafeConfig().for_model(model).policy == ("prefix" if kind.decoder else "threshold")
+    assert SafeConfig(tau=0.3).for_model(model).policy == ("prefix" if kind.decoder else "threshold")
 
     capture = _scored(model, units, batch)
     moe = {n for u in units for n in u.modules if n.endswith(("mlp.gate", "mlp.experts", "mlp.experts.base_layer"))}

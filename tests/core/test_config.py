@@ -2,7 +2,7 @@ import math
 
 import pytest
 
-from safefreeze.core.config import AUTO, DECODER_TRAINABLE_SHARE, ConfigError, SafeConfig
+from safefreeze.core.config import AUTO, DECODER_TRAINABLE_SHARE, DEFAULT_BOTTOM_SHARE, ConfigError, SafeConfig
 from safefreeze.core.freezer import SafeFreezer
 from safefreeze.training.models import add_lora
 
@@ -43,7 +43,8 @@ def test_numbers_set_cadence_and_smoothing_exactly():
         ("smoothing_halflife", -0.1, "smoothing_halflife must be >= 0"),
         ("tau", 1.5, r"tau must be in \[0, 1\] or 'auto'"),
         ("tau", "high", r"tau must be in \[0, 1\] or 'auto'"),
-        ("policy", "bottom", "policy must be one of threshold, resource, prefix, auto"),
+        ("policy", "lowest", "policy must be one of bottom, threshold, resource, prefix, auto"),
+        ("bottom_share", 1.5, r"bottom_share must be in \[0, 1\] or 'auto'"),
     ],
 )
 def test_bad_cadence_or_smoothing_is_a_config_error(field, value, message):
@@ -56,17 +57,27 @@ def test_auto_values_survive_a_round_trip():
     assert SafeConfig.from_dict(config.to_dict()) == config
 
 
-def test_auto_policy_and_tau_are_decided_by_the_architecture(lora_minilm, tiny_llama):
-    """A decoder-only LM gets the bottom-up prefix at τ 0.3, an encoder the paper's threshold at τ 0.1."""
+def test_auto_policy_is_bottom_unless_a_scored_setting_is_given(lora_minilm, tiny_llama):
+    """The default freezes the bottom share of the blocks; a setting only the scored rules read asks for them."""
     decoder = add_lora(tiny_llama(num_hidden_layers=2), "causal_lm", 4, 8, 0.0)
     encoder = lora_minilm()
-    assert SafeConfig().policy == AUTO and SafeConfig().tau == AUTO
-    resolved = SafeConfig().for_model(decoder)
-    assert (resolved.policy, resolved.tau) == ("prefix", 0.3)
-    resolved = SafeConfig().for_model(encoder)
-    assert (resolved.policy, resolved.tau) == ("threshold", 0.1)
-    # What the user sets is kept; an auto τ follows the policy, whichever model.
-    assert SafeConfig(tau=0.2).for_model(decoder).tau == 0.2
+    assert SafeConfig().policy == AUTO and SafeConfig().tau == AUTO and SafeConfig().bottom_share == AUTO
+    for model, kind in ((decoder, "decoder"), (encoder, "encoder")):
+        resolved = SafeConfig().for_model(model)
+        assert (resolved.policy, resolved.tau, resolved.bottom_share) == ("bottom", None, DEFAULT_BOTTOM_SHARE[kind])
+        assert resolved.for_model(model) == resolved  # resolving again changes nothing
+        assert resolved.resolve(model, 10) == resolved  # nothing is scored: no warm-up becomes a number
+    assert SafeConfig(bottom_share=0.5).for_model(decoder).bottom_share == 0.5
+    # A scored setting: a decoder gets the bottom-up prefix at τ 0.3, an encoder the paper's threshold at τ 0.1.
+    assert (SafeConfig(warmup_ratio=0.2).for_model(decoder).policy, SafeConfig(tau=0.2).for_model(decoder).tau) == (
+        "prefix",
+        0.2,
+    )
+    resolved = SafeConfig(importance="random").for_model(encoder)
+    assert (resolved.policy, resolved.tau, resolved.bottom_share) == ("threshold", 0.1, None)
+    assert SafeConfig.paper().for_model(decoder).policy == "threshold"  # the paper's rule, whatever the model
+    assert (SafeConfig.paper().tau, SafeConfig.paper().min_trainable, SafeConfig.paper(tau=0.2).tau) == (0.1, 1, 0.2)
+    # An explicit policy keeps its τ default, whichever model.
     assert (
         SafeConfig(policy="threshold").for_model(decoder).tau,
         SafeConfig(policy="prefix").for_model(encoder).tau,
@@ -84,6 +95,15 @@ def test_auto_policy_and_tau_are_decided_by_the_architecture(lora_minilm, tiny_l
         0.3,
     )
     assert config.policy == AUTO
+
+
+def test_bottom_refuses_the_scored_settings_and_a_scored_policy_bottom_share(tiny_llama):
+    """Settings nothing would read are refused in one line naming the fix, not ignored."""
+    with pytest.raises(ConfigError, match="tau, score_every only matter to the scored policies; with policy 'bottom'"):
+        SafeConfig(policy="bottom", tau=0.3, score_every=2)
+    decoder = add_lora(tiny_llama(num_hidden_layers=2), "causal_lm", 4, 8, 0.0)
+    with pytest.raises(ConfigError, match="bottom_share is the bottom policy's share .* the policy is 'prefix'"):
+        SafeConfig(tau=0.3, bottom_share=0.5).for_model(decoder)
 
 
 def test_auto_min_trainable_keeps_a_share_of_a_decoder_and_one_unit_of_an_encoder(lora_minilm, tiny_llama):
@@ -114,8 +134,9 @@ def test_from_dict_refuses_an_unknown_key_naming_the_closest():
 def test_model_kind_overrides_what_transformers_says(lora_minilm, tiny_llama):
     """A user whose model transformers cannot classify (or classifies wrong) names its kind."""
     decoder = add_lora(tiny_llama(num_hidden_layers=4), "causal_lm", 4, 8, 0.0)
-    assert SafeConfig().for_model(decoder).policy == "prefix"
-    assert SafeConfig(model_kind="encoder").for_model(decoder).policy == "threshold"
-    assert SafeConfig(model_kind="decoder").for_model(lora_minilm()).policy == "prefix"
+    assert SafeConfig(tau=0.3).for_model(decoder).policy == "prefix"
+    assert SafeConfig(tau=0.3, model_kind="encoder").for_model(decoder).policy == "threshold"
+    assert SafeConfig(tau=0.3, model_kind="decoder").for_model(lora_minilm()).policy == "prefix"
+    assert SafeConfig(model_kind="encoder").for_model(decoder).bottom_share == DEFAULT_BOTTOM_SHARE["encoder"]
     with pytest.raises(ConfigError, match="model_kind must be one of auto, decoder, encoder, got 'llm'"):
         SafeConfig(model_kind="llm")

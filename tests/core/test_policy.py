@@ -1,4 +1,4 @@
-"""Freezing policies: the paper's threshold rule and the resource-aware rule, on constructed cases."""
+"""Freezing policies: the bottom share, the paper's threshold rule and the resource-aware rule, on constructed cases."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 
 from safefreeze.core.config import ConfigError, SafeConfig
 from safefreeze.core.freezer import SafeFreezer
-from safefreeze.core.policy import choose_units, frozen_prefix
+from safefreeze.core.policy import bottom_plan, choose_units, frozen_prefix
 from safefreeze.core.units import AdapterUnit
 
 
@@ -25,6 +25,17 @@ def _units(blocks: int, per_block: int = 1) -> list[AdapterUnit]:
 #   block.5 (0.25): below T, but sits between trainable blocks: bar 0.2, so it stays trainable
 CASE_SCORES = {"block.0": 0.45, "block.1": 0.1, "block.2": 0.1, "block.3": 0.30, "block.4": 0.9, "block.5": 0.25}
 CASE_FROZEN = {"block.1", "block.2"}
+
+
+def test_bottom_plan_freezes_the_bottom_share_of_blocks_rounded_up_within_min_trainable():
+    assert bottom_plan(_units(6), 1 / 3, 1) == ["block.0", "block.1"]  # 6/3 is 2 blocks, not 3 by round-off
+    assert bottom_plan(_units(30), 1 / 3, 15) == [f"block.{b}" for b in range(10)]
+    assert bottom_plan(_units(7), 1 / 3, 1) == ["block.0", "block.1", "block.2"]  # 2.33 rounds up
+    assert bottom_plan(_units(2), 0.1, 1) == ["block.0"]  # any share above 0 freezes a block
+    assert bottom_plan(_units(6), 0.0, 1) == []
+    # every unit of a block or none: 3 blocks of 2 modules, 4 must stay trainable, so one block freezes, not two
+    assert bottom_plan(_units(3, 2), 0.67, 4) == ["block.0.m0", "block.0.m1"]
+    assert bottom_plan(_units(3), 1.0, 3) == []
 
 
 def test_threshold_policy_freezes_everything_below_the_bar_lowest_first():

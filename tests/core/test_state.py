@@ -74,7 +74,8 @@ def test_safe_state_sits_beside_the_adapter(run, trec_batch):
     state = read_state(run["out"] / "adapter")
     assert (run["out"] / "adapter" / STATE_NAME).exists()
     assert state["frozen"] == freezer.frozen and len(state["frozen"]) == 5
-    assert state["config"] == {**SAFE.to_dict(), "policy": "threshold", "tau": 1.0, "min_trainable": 1}  # for MiniLM
+    resolved = {"policy": "threshold", "tau": 1.0, "min_trainable": 1, "bottom_share": None}  # for MiniLM
+    assert state["config"] == {**SAFE.to_dict(), **resolved}
     assert state["history"] == freezer.history
     assert state["unit_modules"]["block.2"]["block"] == 2
     assert sorted(state["unit_modules"]["block.2"]["modules"]) == sorted(freezer.units[2].modules)

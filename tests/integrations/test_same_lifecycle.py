@@ -30,13 +30,13 @@ def _budget() -> str:
 
 
 def test_the_loop_and_the_trainer_callback_draw_decide_and_plan_alike(classifier_trainer, tmp_path, no_eval):
-    config = replace(CONFIG, memory_budget=_budget())
+    config = replace(CONFIG, activation_budget=_budget())
     sessions = []
     loop = train(config, SafeConfig(**SAFE), progress=False, before_decision=lambda s, step: sessions.append(s))
     loop_session = sessions[0]
 
     _, tokenizer, examples, _, model = prepare(config)  # the same seeded model and data as the loop's
-    callback = SafeCallback(SafeConfig(**SAFE), memory_budget=config.memory_budget)
+    callback = SafeCallback(SafeConfig(**SAFE), activation_budget=config.activation_budget)
     trainer = classifier_trainer(model, examples, tmp_path, [callback], max_steps=4)
     trainer.data_collator = Collator(tokenizer, "classification")
     trainer.train()

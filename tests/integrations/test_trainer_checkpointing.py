@@ -4,7 +4,7 @@ Four runs of six steps with the same SAFE settings: random importance (seed 3) f
 known set (blocks 0-3 and 5 by step 4, a frozen prefix of 4). ``plain`` checkpoints
 nothing; ``trainer`` turns on transformers' checkpointing (reentrant, with its
 input-require-grads hook), which the callback takes over; ``all`` is
-``SafeCallback(checkpointing="all")``; ``budget`` is ``SafeCallback(memory_budget=...)`` at
+``SafeCallback(checkpointing="all")``; ``budget`` is ``SafeCallback(activation_budget=...)`` at
 half the activation peak plain LoRA would have on the longest batch. A callback listed
 before SAFE's records, in every step, the saved-for-backward tensors and the blocks
 checkpointed.
@@ -88,7 +88,7 @@ def runs(lora_classifier, classifier_trainer, trec_examples, costs, tmp_path_fac
         "plain": ({}, {}),
         "trainer": ({}, {"activation_checkpointing": True, "activation_checkpointing_kwargs": {"use_reentrant": True}}),
         "all": ({"checkpointing": "all"}, {}),
-        "budget": ({"memory_budget": f"{budget}B"}, {"save_strategy": "steps", "save_steps": 3}),
+        "budget": ({"activation_budget": f"{budget}B"}, {"save_strategy": "steps", "save_steps": 3}),
     }
     results = {}
     for name, (callback, arguments) in settings.items():
@@ -189,12 +189,12 @@ def test_an_impossible_budget_fails_before_the_first_step(
     lora_classifier, classifier_trainer, trec_examples, costs, tmp_path, random_freezing
 ):
     recorder = StepRecorder()
-    safe = SafeCallback(random_freezing(), memory_budget="1MiB")
+    safe = SafeCallback(random_freezing(), activation_budget="1MiB")
     trainer = classifier_trainer(lora_classifier(), trec_examples[:EXAMPLES], tmp_path, [recorder, safe])
     with pytest.raises(ConfigError) as error:
         trainer.train()
     message = str(error.value)
-    assert message.startswith("memory budget 1.0MiB is too small: ") and "\n" not in message
+    assert message.startswith("activation budget 1.0MiB is too small: ") and "\n" not in message
     least = parse_size(message.split("at least ")[1].split(";")[0])
     measured, _ = costs
     assert measured.plan(least)  # the named minimum fits ...
@@ -210,7 +210,7 @@ def test_resume_keeps_the_plan(
     run = runs["budget"]
     monkeypatch.setattr(activation_plan, "measure_block_costs", lambda *args: pytest.fail("measured again"))
     recorder = StepRecorder()
-    safe = SafeCallback(random_freezing(), memory_budget=run["safe"].memory_budget)
+    safe = SafeCallback(random_freezing(), activation_budget=run["safe"].activation_budget)
     model = lora_classifier()
     trainer = classifier_trainer(model, trec_examples[:EXAMPLES], run["out"], [recorder, safe])
     trainer.train(resume_from_checkpoint=str(run["out"] / "checkpoint-3"))

@@ -34,7 +34,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _trainer(directory: str, memory_budget: str | None = None, **overrides):
+def _trainer(directory: str, activation_budget: str | None = None, **overrides):
     from transformers import DataCollatorWithPadding, Trainer, TrainingArguments
 
     from safefreeze import SafeCallback, SafeConfig
@@ -58,7 +58,7 @@ def _trainer(directory: str, memory_budget: str | None = None, **overrides):
         seed=0,
         **overrides,
     )
-    safe = SafeCallback(SafeConfig(**SAFE), memory_budget=memory_budget)
+    safe = SafeCallback(SafeConfig(**SAFE), activation_budget=activation_budget)
     trainer = Trainer(
         model=model,
         args=args,
@@ -93,7 +93,7 @@ def _rank(rank: int, port: int, directory: str) -> None:
     outcome["frozen"] = dict(safe.freezer.frozen)
     outcome["events"] = [(e.step, e.frozen_now, e.scores) for e in safe.freezer.events]
     outcome["adapter"] = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_" in n}
-    trainer, safe = _trainer(directory, memory_budget=BUDGET)
+    trainer, safe = _trainer(directory, activation_budget=BUDGET)
     trainer.train()
     outcome["costs"] = safe.plan.costs
     outcome["checkpointed"] = checkpointed_blocks(trainer.model)

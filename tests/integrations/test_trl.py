@@ -5,8 +5,9 @@ its byte-level tokenizer makes long sequences, hence the window of 256), exporte
 example the way it exports SmolLM2. Each configuration trains with SAFE and
 without it on the same seed and data: every step must keep its Trainer loss record
 (SAFE's values join a record, they never replace one) with a non-zero gradient norm (a
-4-bit model must still get gradients after SAFE's scoring), SAFE must have scored and
-frozen, and every adapter must have trained.
+4-bit model must still get gradients after SAFE's scoring), SAFE must have frozen what its
+rule says (the defaults the bottom block from the start, the paper's rule what it scored),
+and every adapter not frozen from the start must have trained.
 """
 
 from __future__ import annotations
@@ -27,19 +28,27 @@ def _example():
     return module
 
 
+PAPER = ["--tau", "1.0", "--policy", "threshold"]  # the paper's rule at τ 1: all but one unit freeze as scored
+
+
 @pytest.mark.parametrize(
-    "switches",
-    [[], ["--bf16", "--gradient-checkpointing", "--grad-accum", "2"], ["--load-in-4bit"]],
-    ids=["fp32", "bf16-checkpointing-accumulation", "qlora"],
+    ("switches", "rule"),
+    [
+        ([], []),
+        (["--bf16", "--gradient-checkpointing", "--grad-accum", "2"], []),
+        (["--load-in-4bit"], PAPER),
+    ],
+    ids=["fp32-defaults", "bf16-checkpointing-accumulation-defaults", "qlora-paper"],
 )
-def test_sft_trainer_keeps_every_log_record_and_trains_the_adapters(tiny_gguf, tmp_path, switches):
+def test_sft_trainer_keeps_every_log_record_and_trains_the_adapters(tiny_gguf, tmp_path, switches, rule):
+    """The defaults (``SafeCallback(SafeConfig())``) freeze the bottom third of the blocks, rounded up: block 0 of
+    two, before the first step; the paper's rule is scored and freezes during training (QLoRA: the scoring steps
+    must leave the 4-bit model its gradients)."""
     example = _example()
     common = ["--model", str(tiny_gguf), "--model-dir", str(tmp_path / "model"), "--max-steps", str(STEPS)]
     common += ["--examples", "64", "--batch-size", "4", "--logging-steps", "1", "--max-length", "256", *switches]
     plain = example.run(example.parse_args([*common, "--out", str(tmp_path / "lora"), "--no-safe"]))
-    # The paper's rule at τ 1 freezes all but one unit of the two; the decoder default (prefix) may freeze none.
-    safe_args = ["--out", str(tmp_path / "safe"), "--tau", "1.0", "--policy", "threshold"]
-    safe = example.run(example.parse_args([*common, *safe_args]))
+    safe = example.run(example.parse_args([*common, "--out", str(tmp_path / "safe"), *rule]))
 
     def loss_steps(trainer) -> list[int]:
         return [record["step"] for record in trainer.state.log_history if "loss" in record]
@@ -48,12 +57,19 @@ def test_sft_trainer_keeps_every_log_record_and_trains_the_adapters(tiny_gguf, t
     assert loss_steps(safe) == loss_steps(plain)
     for trainer in (plain, safe):  # gradients flow on every step, scoring steps and after (QLoRA: issue 14)
         assert all(record["grad_norm"] > 0 for record in trainer.state.log_history if "loss" in record)
-    scored = [record["step"] for record in safe.state.log_history if "safe/threshold" in record]
     freezer = next(c for c in safe.callback_handler.callbacks if type(c).__name__ == "SafeCallback").freezer
-    assert scored and freezer.frozen, "SAFE neither scored nor froze: the comparison would prove nothing"
+    scored = [record["step"] for record in safe.state.log_history if "safe/threshold" in record]
+    if rule:
+        assert scored and freezer.frozen, "SAFE neither scored nor froze: the comparison would prove nothing"
+    else:
+        assert not scored and freezer.frozen == {"block.0": 0}  # the defaults: no scoring, block 0 from the start
     first = {trainer: next(r["loss"] for r in trainer.state.log_history if "loss" in r) for trainer in (plain, safe)}
-    assert first[safe] == first[plain]  # the first step is the same step: SAFE acts after it
+    assert first[safe] == first[plain]  # the first step is the same step: a unit frozen at 0 has B = 0, adds nothing
+    untrained = {f".layers.{u.split('.')[1]}." for u, step in freezer.frozen.items() if step == 0}
     for trainer in (plain, safe):
         lora_b = {name: p for name, p in trainer.model.named_parameters() if "lora_B" in name}
-        assert len(lora_b) == 4 and all(p.abs().sum() > 0 for p in lora_b.values())  # B starts at 0: all trained
+        assert len(lora_b) == 4
+        for name, p in lora_b.items():  # B starts at 0: trained unless frozen before the first step
+            frozen_from_start = trainer is safe and any(layer in name for layer in untrained)
+            assert bool(p.abs().sum() == 0) is frozen_from_start, name
     assert (tmp_path / "safe" / "adapter" / "adapter_model.safetensors").exists()

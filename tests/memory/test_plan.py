@@ -13,7 +13,10 @@ from safefreeze.memory.recompute import checkpoint_blocks, checkpointed_blocks
 )
 def test_switches_resolve(checkpointing, budget, mode, size):
     plan = ActivationPlan.from_switches(checkpointing, budget)
-    assert (plan.mode, plan.budget, plan.needs_costs) == (mode, size, mode == "auto")
+    assert (plan.mode, plan.memory_budget, plan.activation_budget) == (mode, size, None)
+    assert plan.needs_costs == (mode == "auto")
+    plan = ActivationPlan.from_switches(checkpointing, activation_budget=budget)
+    assert (plan.mode, plan.memory_budget, plan.activation_budget) == (mode, None, size)
 
 
 @pytest.mark.parametrize(
@@ -42,7 +45,7 @@ def test_none_leaves_the_model_alone_and_all_takes_every_block(lora_minilm):
 def test_a_budget_plans_from_its_costs_and_they_survive_a_state_dict(lora_minilm):
     """Six equal blocks of 10 saved bytes (1 kept when checkpointed, 10 recomputed) under a budget of 40."""
     costs = BlockCosts(stored=(10,) * 6, inputs=(1,) * 6, recomputed=(10,) * 6, shared=0, below=0, above=0)
-    plan = ActivationPlan.from_switches(memory_budget="40B")
+    plan = ActivationPlan.from_switches(activation_budget="40B")
     plan.costs = costs
     model = lora_minilm()
     chosen = plan.apply(model)
@@ -50,6 +53,11 @@ def test_a_budget_plans_from_its_costs_and_they_survive_a_state_dict(lora_minilm
     assert len(chosen) == 3  # 60 stored bytes need three blocks kept as 1: 33
     assert plan.peak(model, 0) == costs.peak(chosen) <= 40
     assert plan.apply(model, frozen_prefix=3) == ()  # three blocks above the prefix store 30
-    resumed = ActivationPlan.from_switches(memory_budget="40B")
+    resumed = ActivationPlan.from_switches(activation_budget="40B")
     resumed.load_state_dict(plan.state_dict())
     assert resumed.costs == costs and not resumed.needs_costs
+
+
+def test_both_budgets_at_once_are_refused():
+    with pytest.raises(ConfigError, match=r"^set one budget: memory_budget bounds the whole step, activation_budget"):
+        ActivationPlan.from_switches("auto", "6GiB", "1GiB")

@@ -4,7 +4,7 @@ from dataclasses import fields
 import pytest
 import torch
 
-from safefreeze.core.config import DECODER_TRAINABLE_SHARE, SafeConfig
+from safefreeze.core.config import DECODER_TRAINABLE_SHARE, DEFAULT_BOTTOM_SHARE, SafeConfig
 from safefreeze.training.records import METRICS_NAME, StepRecord, read_metrics
 from safefreeze.training.train import TrainConfig, train
 
@@ -44,6 +44,20 @@ def test_causal_lm_on_smollm2_reports_perplexity():
     assert (report["summary"]["min_trainable"], report["summary"]["frozen_units"]) == (keep, 30 - keep)
     # Backward now stops at the lowest trainable block, wherever CKA put it.
     assert report["steps"][-1]["activation_bytes"] < report["steps"][0]["activation_bytes"]
+
+
+def test_the_defaults_freeze_the_bottom_share_of_smollm2_on_the_instruction_task_from_the_first_step():
+    """SmolLM2 on the bundled instruction set with every default: the bottom share of its 30 blocks freezes before
+    the first step (no run length is too short for it), so every step's backward stops above them."""
+    base = {"model": "smollm2", "dataset": "trec-chat", **FAST, "batch_size": 2, "max_steps": 1, "eval_examples": 4}
+    lora = train(TrainConfig(**base, method="lora"), SafeConfig(), progress=False).report
+    safe = train(TrainConfig(**base, method="safe"), SafeConfig(), progress=False).report
+    frozen = math.ceil(DEFAULT_BOTTOM_SHARE["decoder"] * 30 - 1e-9)
+    assert [u["frozen_at_step"] for u in safe["units"]] == [0] * frozen + [None] * (30 - frozen)
+    assert (safe["summary"]["policy"], safe["summary"]["why_no_saving"]) == ("bottom", None)
+    for step, plain in zip(safe["steps"], lora["steps"], strict=True):
+        assert step["activation_bytes"] < plain["activation_bytes"]
+    assert safe["steps"][0]["loss"] == lora["steps"][0]["loss"]  # frozen at 0, LoRA's B = 0: the same first step
 
 
 def test_each_step_leaves_one_record_in_the_report_and_in_metrics_jsonl(tmp_path, no_eval):

@@ -1,10 +1,9 @@
-"""--checkpointing and --memory-budget in the reference loop: the plan holds every step under the budget, follows
+"""--checkpointing and --activation-budget in the reference loop: the plan holds every step under the budget, follows
 the frozen prefix, survives a resume, changes no loss, and an impossible budget fails before training."""
 
 from __future__ import annotations
 
 import os
-import time
 
 import pytest
 import torch
@@ -44,14 +43,14 @@ def plain_safe():
 @pytest.fixture(scope="module")
 def budgeted(lora_peak):
     budget = lora_peak // 2
-    return budget, train(TrainConfig(method="safe", memory_budget=f"{budget}B", **RUN), SAFE, progress=False)
+    return budget, train(TrainConfig(method="safe", activation_budget=f"{budget}B", **RUN), SAFE, progress=False)
 
 
 def test_half_the_peak_holds_every_step_and_a_freeze_unchecks_blocks(budgeted):
     budget, result = budgeted
     steps, summary = result.report["steps"], result.report["summary"]
     assert all(s["activation_peak_bytes"] <= budget for s in steps)
-    assert (summary["checkpointing"], summary["memory_budget_bytes"]) == ("auto", budget)
+    assert (summary["checkpointing"], summary["activation_budget_bytes"]) == ("auto", budget)
     assert summary["activation_bytes_peak"] == max(s["activation_peak_bytes"] for s in steps) <= budget
     assert summary["resident_peak_bytes"] == max(s["resident_peak_bytes"] for s in steps)
     assert len(summary["block_costs"]["stored"]) == 6  # measured per block, kept for a resumed run
@@ -82,7 +81,7 @@ def test_checkpointing_changes_no_loss_and_no_adapter(budgeted, plain_safe):
 
 def test_resume_plans_from_the_saved_costs(budgeted, tmp_path, monkeypatch):
     budget, whole = budgeted
-    config = TrainConfig(method="safe", memory_budget=f"{budget}B", **RUN)
+    config = TrainConfig(method="safe", activation_budget=f"{budget}B", **RUN)
     train(config, SAFE, progress=False, checkpoints=checkpoint.Checkpoints(tmp_path, save_every=1, keep=6))
     state = checkpoint.load(tmp_path / "step-000001.pt")  # before the freeze: the plan on the full model
     assert state["session"]["activation_plan"]["costs"] == whole.report["summary"]["block_costs"]
@@ -98,26 +97,19 @@ def test_resume_plans_from_the_saved_costs(budgeted, tmp_path, monkeypatch):
     assert all(torch.equal(value, _adapters(resumed.model)[name]) for name, value in expected.items())
 
 
-def test_an_impossible_budget_fails_in_one_line_within_a_second_of_planning(tmp_path, capsys, monkeypatch):
-    started = []
-    measure = ActivationPlan.measure
-
-    def timed(self, model, batch):
-        started.append(time.perf_counter())
-        return measure(self, model, batch)
-
-    monkeypatch.setattr(ActivationPlan, "measure", timed)
+def test_an_impossible_budget_fails_in_one_line_before_the_first_step(tmp_path, capsys, monkeypatch):
+    steps = []
+    monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, *args, **kwargs: steps.append(1))
     out = tmp_path / "run"
     argv = ["train", "--method", "lora", "--max-steps", "2", "--batch-size", "8", "--max-length", "32", "--quiet"]
-    assert cli.main([*argv, "--memory-budget", "1MiB", "--out", str(out)]) == 2
-    planning = time.perf_counter() - started[0]
+    assert cli.main([*argv, "--activation-budget", "1MiB", "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith(
-        "safefreeze: error: memory budget 1.0MiB is too small: however many blocks are checkpointed the activation "
-        "peak is at least "
+        "safefreeze: error: activation budget 1.0MiB is too small: however many blocks are checkpointed the "
+        "activation peak is at least "
     )
     assert err.rstrip().endswith("or more, or lower the batch size or maximum length")
-    assert planning < 1.0
+    assert not steps  # planned on the measured costs, refused before any optimizer step
     assert not out.exists() or not any(out.iterdir())  # nothing trained, nothing written
 
 
@@ -149,7 +141,7 @@ def _ddp_rank(rank: int, port: int, directory: str, budget: int) -> None:
     from safefreeze.training import train as train_module
 
     train_module.evaluate = lambda *args, **kwargs: {}
-    config = TrainConfig(method="safe", device="cpu", memory_budget=f"{budget}B", **DDP_RUN)
+    config = TrainConfig(method="safe", device="cpu", activation_budget=f"{budget}B", **DDP_RUN)
     result = train_module.train(
         config, SafeConfig(tau=1.0, warmup_steps=2, score_every=2, smoothing=0.0, probe_size=8), False
     )

@@ -145,7 +145,7 @@ def _differing_settings(stored: dict, wanted: dict) -> list[str]:
 
 
 def with_lora_budget(cell: Cell, out: Path) -> Cell:
-    """The cell with its memory budget filled in, for a method that has one (``Method.lora_budget``):
+    """The cell with its activation budget filled in, for a method that has one (``Method.lora_budget``):
     that fraction of the activation peak of the finished ``lora`` cell of the same task and seed.
 
     Raises:
@@ -161,7 +161,7 @@ def with_lora_budget(cell: Cell, out: Path) -> Cell:
             "run the lora cells first (--methods lora)"
         )
     peak = json.loads(lora.read_text())["summary"]["activation_bytes_peak"]
-    return replace(cell, config=replace(cell.config, memory_budget=f"{int(fraction * peak)}B"))
+    return replace(cell, config=replace(cell.config, activation_budget=f"{int(fraction * peak)}B"))
 
 
 def run_cell(cell: Cell, out: Path, progress: bool = True) -> tuple[dict, bool]:

@@ -119,7 +119,9 @@ def costs_per_step(reports: dict[str, dict], path: Path) -> Path:
             color=_colour(label),
             lw=1,
         )
-        budget = report["summary"].get("memory_budget_bytes")
+        # the activation budget; reports written before it existed called it memory_budget_bytes
+        summary = report["summary"]
+        budget = summary.get("activation_budget_bytes", summary.get("memory_budget_bytes"))
         if budget is not None:
             memory.axhline(budget / MIB, color=_colour(label), ls="--", lw=1, label=f"{_label(label)}: budget")
         sampled = [s for s in steps if s["flops"] is not None]

@@ -133,6 +133,8 @@ def render_run(report: dict) -> str:
         f"| mean activation MiB | {_fmt(s['activation_bytes_mean'], MIB)} |",
         f"| peak activation MiB | {_fmt(s['activation_bytes_peak'], MIB)} |",
         *([f"| memory budget MiB | {_fmt(s['memory_budget_bytes'], MIB)} |"] if s["memory_budget_bytes"] else []),
+        *([f"| activation budget MiB | {_fmt(budget, MIB)} |"] if (budget := s.get("activation_budget_bytes")) else []),
+        *([f"| peak step MiB (measured) | {_fmt(peak, MIB)} |"] if (peak := s.get("step_peak_bytes")) else []),
         f"| checkpointing | {s['checkpointing']} |",
         f"| peak resident MiB | {_fmt(s['resident_peak_bytes'], MIB)} |",
         *([f"| peak CUDA MiB | {_fmt(s['cuda_peak_bytes'], MIB)} |"] if s["cuda_peak_bytes"] is not None else []),

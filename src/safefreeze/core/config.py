@@ -1,28 +1,25 @@
 """``SafeConfig``: every knob of SAFE, with the help text the CLI shows.
 
-Defaults were chosen by measurement on TREC and movie-review sentiment with MiniLM
-(BENCHMARKS.md, "Choosing the defaults"): τ = 0.1 with a 30 % warm-up, scored every 10 steps
-and smoothed by an EMA of 0.7 per measurement. Importance is normalised by the top unit,
-which dominates (MiniLM's top block scores 5-50x the bottom ones), and every unit dips
-briefly early in training; the EMA keeps that dip from freezing a unit that later matters.
+Two kinds of rule decide which adapters freeze (core/policy.py):
 
-Those numbers were per step and per measurement, so they only fitted runs of that length (a
-80-step run got 5 measurements and froze nothing). The cadence and the smoothing therefore
-default to ``"auto"`` and scale with the warm-up W (schedule.py): ``score_every = ⌊W/12⌋``
-and an EMA whose half-life is 0.16·W, which at W = 122 are the measured 10 steps and 0.70.
-A number sets either one exactly.
+- ``bottom``, the default: the adapters of the bottom share of the blocks freeze before the
+  first step and nothing is scored. It is where the freezing frontier lies (BENCHMARKS.md, "The
+  freezing frontier"): over every cell "freeze the bottom k blocks at step t", the cells with
+  t = 0 save the most for the score they cost, and no importance signal told which k a task
+  tolerates. ``bottom_share`` ``"auto"`` is the largest share that cost little on the measured
+  tasks, per model kind (``DEFAULT_BOTTOM_SHARE``).
+- the scored rules (``SCORED_POLICIES``): SAFE as the paper states it (``threshold`` on
+  1 − CKA, a threshold rising to τ on a cubic schedule over a warm-up), and ``resource`` and
+  ``prefix``, which prefer units whose freezing shortens backward. ``SafeConfig.paper()`` is
+  the paper's rule.
 
-Decoders need a different rule (BENCHMARKS.md, "Decoder defaults"): on SmolLM2 the lowest
-scores sit in the middle blocks, not at the bottom, so the paper's threshold freezes holes that
-shorten no backward pass. ``policy`` and ``tau`` therefore default to ``"auto"`` too and are
-decided per model (``for_model``): ``prefix`` with τ = 0.3 on a decoder-only LM (bottom-up only,
-so whatever it freezes saves; measured over three seeds and two texts), the paper's
-``threshold`` with τ = 0.1 otherwise. A decoder's bottom-block scores sit on a plateau, so once
-the bar crosses it the prefix jumps to nearly every block (28 of SmolLM2's 30 on a text LoRA does
-not overfit, +5.7 % perplexity), and a lower τ freezes nothing instead. What bounds it is how many
-units stay trainable: ``min_trainable`` ``"auto"`` keeps the top half of a decoder's units
-(``DECODER_TRAINABLE_SHARE``: with 15 blocks frozen the same text cost +2.3 % perplexity for 35 % of
-activation memory and 16 % of FLOPs, three seeds; 20 frozen +3.2 %) and one unit of an encoder, as the paper does.
+``policy="auto"`` is ``bottom`` unless a setting that only the scored rules read is set
+(``SCORED_SETTINGS``: ``tau``, the warm-up, the cadence, the importance ...): a user who sets
+a threshold asks for thresholding. Then a decoder-only LM gets ``prefix`` (its lowest scores
+sit in the middle blocks, where ``threshold`` freezes holes that shorten no backward pass) and
+keeps the top ``DECODER_TRAINABLE_SHARE`` of its units trainable; an encoder gets the paper's
+``threshold``. The scored rules' cadence and smoothing default to ``"auto"`` and scale with the
+warm-up (schedule.py), so a run of any length gets the same number of measurements.
 
 Fields carry ``metadata={"help": ...}`` like PEFT's configs so that ``safefreeze train
 --help`` is generated from this one place.
@@ -42,11 +39,28 @@ from safefreeze.core.units import find_units, is_decoder_only
 GRANULARITIES = ("block", "module")
 IMPORTANCES = ("cka", "gradnorm", "random")
 SCORE_ON = ("train", "probe")
-POLICIES = ("threshold", "resource", "prefix")  # safefreeze.core.policy implements them
+SCORED_POLICIES = ("threshold", "resource", "prefix")  # decided on importance scores (core/decisions.py)
+POLICIES = ("bottom", *SCORED_POLICIES)  # safefreeze.core.policy implements them
 AUTO = "auto"  # a value derived from the run (its warm-up length, its model), see the resolve_* methods
 MODEL_KINDS = (AUTO, "decoder", "encoder")  # model_kind: which defaults a model gets (for_model)
 DEFAULT_TAU = {"threshold": 0.1, "resource": 0.1, "prefix": 0.3}  # tau "auto", per policy (module docstring)
 DECODER_TRAINABLE_SHARE = 0.5  # min_trainable "auto" on a decoder: this share of the units never freezes (docstring)
+DEFAULT_BOTTOM_SHARE = {"encoder": 1 / 3, "decoder": 1 / 3}  # bottom_share "auto", per model kind (docstring)
+# Settings only the scored policies read: with policy "auto", setting one of them selects the scored rule.
+SCORED_SETTINGS = (
+    "tau",
+    "warmup_steps",
+    "warmup_ratio",
+    "score_every",
+    "score_on",
+    "probe_size",
+    "probe_rows",
+    "schedule",
+    "importance",
+    "smoothing",
+    "smoothing_halflife",
+    "resource_weight",
+)
 
 
 class ConfigError(ValueError):
@@ -143,9 +157,19 @@ class SafeConfig:
     policy: str = field(
         default=AUTO,
         metadata={
-            "help": "which units freeze: 'threshold' (paper), 'resource' (favour extending the frozen prefix) or "
-            f"'prefix' (bottom-up only: stop at the first unit above the threshold); '{AUTO}': prefix on a "
-            "decoder-only LM (Llama, Qwen, GPT-2 ...), threshold on an encoder (BERT ...)"
+            "help": "which units freeze: 'bottom' (those of the bottom --bottom-share of the blocks, before the "
+            "first step; nothing is scored), 'threshold' (the paper's: every unit scoring under the threshold), "
+            "'resource' (favour extending the frozen prefix) or 'prefix' (bottom-up only: stop at the first unit "
+            f"above the threshold); '{AUTO}': bottom, unless a setting of the scored rules (--tau, the warm-up, "
+            "the cadence, --importance ...) is given: then prefix on a decoder-only LM, threshold on an encoder"
+        },
+    )
+    bottom_share: float | str = field(
+        default=AUTO,
+        metadata={
+            "help": "policy bottom: the share of the blocks, counted from the input and rounded up, whose adapters "
+            f"freeze before the first step; '{AUTO}': {DEFAULT_BOTTOM_SHARE['encoder']:.2f} on an encoder, "
+            f"{DEFAULT_BOTTOM_SHARE['decoder']:.2f} on a decoder-only LM"
         },
     )
     model_kind: str = field(
@@ -161,7 +185,7 @@ class SafeConfig:
     )
 
     def __post_init__(self) -> None:
-        if self.tau != AUTO and (not _is_number(self.tau) or not 0.0 <= self.tau <= 1.0):
+        if self.tau not in (AUTO, None) and (not _is_number(self.tau) or not 0.0 <= self.tau <= 1.0):
             raise ConfigError(
                 f"tau must be in [0, 1] or '{AUTO}', got {self.tau!r}; it is a fraction of the top unit's importance"
             )
@@ -186,6 +210,15 @@ class SafeConfig:
             )
         if self.importance == "gradnorm" and self.score_on == "probe":
             raise ConfigError("importance 'gradnorm' reads the training step's gradients: use score_on 'train'")
+        if self.bottom_share not in (AUTO, None) and (
+            not _is_number(self.bottom_share) or not 0.0 <= self.bottom_share <= 1.0
+        ):
+            raise ConfigError(f"bottom_share must be in [0, 1] or '{AUTO}', got {self.bottom_share!r}")
+        if self.policy == "bottom" and self.scored_settings():
+            raise ConfigError(
+                f"{', '.join(self.scored_settings())} only matter to the scored policies; with policy 'bottom' "
+                "nothing is scored: drop them, or choose policy threshold (the paper's rule), prefix or resource"
+            )
         if not 0.0 <= self.resource_weight <= 1.0:
             raise ConfigError(f"resource_weight must be in [0, 1], got {self.resource_weight}")
         for name, allowed in (
@@ -199,25 +232,53 @@ class SafeConfig:
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
 
-    def for_model(self, model: nn.Module) -> SafeConfig:
-        """This configuration with ``policy``, ``tau`` and ``min_trainable`` decided for ``model`` where ``auto``.
+    def scored_settings(self) -> tuple[str, ...]:
+        """The settings of ``SCORED_SETTINGS`` given a value other than their default (module docstring); None is
+        what resolving leaves in a setting nothing reads (``tau`` under ``bottom``)."""
+        defaults = {f.name: f.default for f in fields(self)}
+        return tuple(name for name in SCORED_SETTINGS if getattr(self, name) not in (defaults[name], None))
 
-        A decoder-only LM (``units.is_decoder_only`` of ``model.config``, or ``model_kind="decoder"``) gets
-        ``prefix`` and keeps ``DECODER_TRAINABLE_SHARE`` of its units (of ``granularity``, found on ``model``)
-        trainable; anything else gets ``threshold`` and keeps one. ``tau`` then comes from ``DEFAULT_TAU`` for the
-        policy. The cadence and smoothing stay ``auto``: they depend on the run's length, not on the model.
+    @classmethod
+    def paper(cls, **settings) -> SafeConfig:
+        """SAFE as the paper states it: 1 − CKA importance, every unit under a threshold rising to τ = 0.1 on a
+        cubic schedule freezes, one unit always trainable; ``settings`` override any of it."""
+        return cls(**{"policy": "threshold", "tau": 0.1, "importance": "cka", "min_trainable": 1, **settings})
+
+    def for_model(self, model: nn.Module) -> SafeConfig:
+        """This configuration with ``policy``, ``tau``, ``min_trainable`` and ``bottom_share`` decided for ``model``.
+
+        ``policy`` ``auto`` is ``bottom`` unless scored settings are given; then a decoder-only LM
+        (``units.is_decoder_only`` of ``model.config``, or ``model_kind="decoder"``) gets ``prefix`` and an
+        encoder ``threshold``. A decoder keeps ``DECODER_TRAINABLE_SHARE`` of its units (of ``granularity``, found
+        on ``model``) trainable, anything else one. ``tau`` comes from ``DEFAULT_TAU`` for a scored policy and is
+        None under ``bottom`` (nothing is compared with it); ``bottom_share`` from ``DEFAULT_BOTTOM_SHARE`` under
+        ``bottom`` and None otherwise. The cadence and smoothing stay ``auto``: they depend on the run's length.
+
+        Raises:
+            ConfigError: ``bottom_share`` given with a scored policy.
         """
         auto = self.model_kind == AUTO
         decoder = is_decoder_only(getattr(model, "config", None)) if auto else self.model_kind == "decoder"
+        kind = "decoder" if decoder else "encoder"
         policy = self.policy
         if policy == AUTO:
-            policy = "prefix" if decoder else "threshold"
+            policy = ("prefix" if decoder else "threshold") if self.scored_settings() else "bottom"
+        if policy != "bottom" and self.bottom_share not in (AUTO, None):
+            raise ConfigError(
+                f"bottom_share is the bottom policy's share of frozen blocks, but the policy is {policy!r}: "
+                "drop bottom_share, or set policy 'bottom' without the scored settings"
+            )
         min_trainable = self.min_trainable
         if min_trainable == AUTO:
             units = len(find_units(model, self.granularity)) if decoder else 0
             min_trainable = max(1, math.ceil(DECODER_TRAINABLE_SHARE * units))
-        tau = DEFAULT_TAU[policy] if self.tau == AUTO else self.tau
-        return replace(self, policy=policy, tau=tau, min_trainable=min_trainable)
+        if policy == "bottom":
+            tau = None
+            share = DEFAULT_BOTTOM_SHARE[kind] if self.bottom_share == AUTO else self.bottom_share
+        else:
+            tau = DEFAULT_TAU[policy] if self.tau in (AUTO, None) else self.tau
+            share = None
+        return replace(self, policy=policy, tau=tau, min_trainable=min_trainable, bottom_share=share)
 
     def resolve_warmup(self, total_steps: int | None) -> int:
         """Warm-up length in optimizer steps: ``warmup_steps`` if set, else ``warmup_ratio · total_steps``."""
@@ -243,13 +304,15 @@ class SafeConfig:
     def resolve(self, model: nn.Module, total_steps: int | None) -> SafeConfig:
         """The configuration a run uses: every ``auto`` decided for ``model`` (``for_model``) and the run length.
 
-        ``warmup_steps``, ``score_every`` and ``smoothing`` become numbers, so what decides is what the
-        run's report and saved state show. Resolving again changes nothing.
+        Under a scored policy ``warmup_steps``, ``score_every`` and ``smoothing`` become numbers, so what
+        decides is what the run's report and saved state show. Resolving again changes nothing.
 
         Raises:
             ConfigError: the warm-up is longer than the run.
         """
         config = self.for_model(model)
+        if config.policy == "bottom":  # nothing is scored: no warm-up, cadence or smoothing to decide
+            return config
         warmup = config.resolve_warmup(total_steps)
         if total_steps is not None and warmup > total_steps:
             raise ConfigError(f"warm-up of {warmup} steps is longer than the {total_steps} training steps")

@@ -25,7 +25,10 @@ anything itself: freezing is the freezer's, one code path for every strategy.
   scored on the fixed ``probe`` batch instead, run in eval mode without grad
   (``scoring_mode``). On the same batch in the same mode both give the same importance.
 - ``PlannedStrategy`` freezes the units of ``plan[t]`` at step ``t`` and measures nothing:
-  the freezing baselines (training/baselines.py). Step 0 means before the first step.
+  the ``bottom`` policy (its units at step 0, which means before the first step) and the
+  freezing baselines (training/baselines.py).
+
+``strategy_for`` picks the one a configuration asks for.
 
 Both keep their state in plain values (``state_dict``), so that under DDP the state rank 0
 reached by deciding can be handed to every rank with the decision.
@@ -43,7 +46,7 @@ from torch import nn
 
 from safefreeze.core.config import SafeConfig
 from safefreeze.core.gradients import GradientCapture, change_rates
-from safefreeze.core.policy import choose_units
+from safefreeze.core.policy import bottom_plan, choose_units
 from safefreeze.core.quantization import scoring_mode
 from safefreeze.core.schedule import threshold
 from safefreeze.core.units import AdapterUnit, FeatureCapture
@@ -260,3 +263,18 @@ class PlannedStrategy:
 
     def load_state_dict(self, state: dict) -> None:
         self.warmup_steps = state["warmup_steps"]
+
+
+def strategy_for(
+    model: nn.Module,
+    config: SafeConfig,
+    units: list[AdapterUnit],
+    probe: dict[str, torch.Tensor] | None = None,
+    total_steps: int | None = None,
+) -> ScoredStrategy | PlannedStrategy:
+    """The strategy ``config``'s policy (decided for ``model``) uses: the ``bottom`` units planned at step 0, or
+    SAFE's scored decisions (``probe`` and ``total_steps`` as ``ScoredStrategy`` takes them)."""
+    config = config.for_model(model)
+    if config.policy == "bottom":
+        return PlannedStrategy({0: bottom_plan(units, config.bottom_share, config.min_trainable)}, units)
+    return ScoredStrategy(model, config, units, probe, total_steps)

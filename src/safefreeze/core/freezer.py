@@ -10,9 +10,10 @@ that skips it is scored on the probe batch (one extra forward per measurement).
     watch → forward, backward, update → is due? → strategy decides (scores, threshold,
     chosen units) → freeze → record → FreezeEvent
 
-*Deciding* is a strategy composed into the freezer (decisions.py): SAFE's own
-(``ScoredStrategy``: importance ``1 − CKA`` of each adapter, a cubic threshold, a policy) by
-default, or a plan fixed before training (``PlannedStrategy``: the baselines). Under DDP
+*Deciding* is a strategy composed into the freezer (decisions.py): the one the configuration's
+policy asks for (``strategy_for``: the default ``bottom`` policy's plan fixed before training, or
+SAFE's scored decisions, ``ScoredStrategy``: importance ``1 − CKA`` of each adapter, a cubic
+threshold, a policy), or any plan given (``PlannedStrategy``: the baselines). Under DDP
 the freezer is given ``decide_on=group.on_main``: rank 0 decides, the decision and the
 strategy's state are broadcast, and every rank freezes the same units at the same step.
 
@@ -33,7 +34,7 @@ import torch
 from torch import nn
 
 from safefreeze.core.config import ConfigError, SafeConfig
-from safefreeze.core.decisions import Decision, DecisionStrategy, ScoredStrategy
+from safefreeze.core.decisions import Decision, DecisionStrategy, strategy_for
 from safefreeze.core.merge import check_mergeable, merge_unit, unmerge_unit
 from safefreeze.core.policy import frozen_prefix
 from safefreeze.core.quantization import check_trainable
@@ -169,7 +170,7 @@ class SafeFreezer:
         probe: a fixed batch (dict of tensors the model's forward takes) scored on at a due step
             that was not watched (``watch``); it may hold ``attention_mask`` to drop padding rows.
         total_steps: the run's optimizer steps, needed when ``warmup_ratio`` sets the warm-up.
-        strategy: how to decide (decisions.py); default SAFE's ``ScoredStrategy`` from the above.
+        strategy: how to decide (decisions.py); default the config's policy's (``strategy_for``) from the above.
             A strategy brings its own probe and run length: passing ``probe`` or ``total_steps``
             with it is refused.
         units: the units, when the caller has found them already (``SafeSession``); else found here.
@@ -202,7 +203,7 @@ class SafeFreezer:
         self.optimizer = optimizer
         self.probe = probe
         self.units: list[AdapterUnit] = units if units is not None else find_units(model, config.granularity)
-        self.strategy = strategy or ScoredStrategy(model, self.config, self.units, probe, total_steps)
+        self.strategy = strategy or strategy_for(model, self.config, self.units, probe, total_steps)
         self.decide_on = decide_on
         self.frozen: dict[str, int] = {}  # unit name -> step it was frozen at
         self.merged: set[str] = set()  # frozen units folded into their base weights (merge_frozen)

@@ -27,6 +27,12 @@ bars are recomputed (the next block may now extend the prefix), and this repeats
 unit is below its bar or ``budget`` units are frozen. With λ = 0 every bar is ``T`` and the
 policy freezes exactly what ``threshold`` freezes.
 
+``bottom`` (the default; ours, after AdapterDrop): the units of the bottom ``⌈share·L⌉`` of the L
+blocks freeze before the first step, and nothing is scored. Measured against every cell of the
+freezing frontier (freeze the bottom k blocks at step t, BENCHMARKS.md), the cells that freeze at
+step 0 were the frontier on every task: for the same k a later freeze costs as much and saves
+less, and no importance signal predicted which k a task tolerates (``bottom_plan``).
+
 ``prefix`` (ours, beyond the paper): freeze bottom-up only. Going up from the lowest trainable
 unit, each unit below ``T(t)`` freezes; the first one that is not stops the pass. Only a frozen
 prefix shortens backward, and on decoders the least useful adapters are spread over the bottom
@@ -36,7 +42,9 @@ save nothing but optimizer state; ``prefix`` freezes fewer units, all of them wh
 
 from __future__ import annotations
 
-from safefreeze.core.config import POLICIES
+import math
+
+from safefreeze.core.config import SCORED_POLICIES
 from safefreeze.core.units import AdapterUnit
 
 
@@ -44,6 +52,21 @@ def frozen_prefix(units: list[AdapterUnit], frozen: set[str] | dict[str, int]) -
     """``k(F)``: the lowest block holding a trainable unit (one past the top block if none)."""
     lowest = min((u.block for u in units if u.name not in frozen), default=None)
     return max(u.block for u in units) + 1 if lowest is None else lowest
+
+
+def lowest_blocks(units: list[AdapterUnit], blocks: int) -> list[str]:
+    """Names of every unit of the lowest ``blocks`` blocks, from the input upwards."""
+    lowest = set(sorted({u.block for u in units})[:blocks])
+    return [u.name for u in units if u.block in lowest]
+
+
+def bottom_plan(units: list[AdapterUnit], share: float, min_trainable: int) -> list[str]:
+    """The ``bottom`` policy's units: those of the lowest ``⌈share · L⌉`` blocks, one block fewer at a time
+    while freezing them would leave fewer than ``min_trainable`` units trainable."""
+    blocks = math.ceil(share * len({u.block for u in units}) - 1e-9)  # 1/3 of 6 blocks is 2, not 3 by round-off
+    while blocks > 0 and len(units) - len(lowest_blocks(units, blocks)) < min_trainable:
+        blocks -= 1
+    return lowest_blocks(units, blocks)
 
 
 def choose_units(
@@ -63,7 +86,7 @@ def choose_units(
         scores: normalised importance of every unit.
         bar: the schedule's threshold ``T(t)``.
         budget: at most this many units are chosen.
-        policy: ``"threshold"`` or ``"resource"``.
+        policy: ``"threshold"``, ``"resource"`` or ``"prefix"`` (the scored policies).
         resource_weight: λ of the resource policy.
     """
     trainable = [u.name for u in units if u.name not in frozen]
@@ -78,7 +101,7 @@ def choose_units(
             chosen.append(name)
         return chosen
     if policy != "resource":
-        raise ValueError(f"unknown policy {policy!r}; choose one of {', '.join(POLICIES)}")
+        raise ValueError(f"unknown scored policy {policy!r}; choose one of {', '.join(SCORED_POLICIES)}")
     return _resource_choice(units, frozen, scores, bar, budget, resource_weight)
 
 

@@ -34,7 +34,8 @@ DDP without ``ddp_find_unused_parameters`` or with ``ddp_static_graph``. Under D
 decides and every rank applies its decision (``session.on_rank_zero``).
 
 Activation checkpointing: ``checkpointing`` ("none", "all", "auto") and ``memory_budget``
-(a size) choose the blocks to checkpoint (``memory.plan``): SAFE's own
+(a size: the whole step's peak) or ``activation_budget`` (a size: the saved activations'
+peak) choose the blocks to checkpoint (``memory.plan``): SAFE's own
 non-reentrant checkpointing, which never stores or recomputes the frozen prefix. If the
 user turned on transformers' (``TrainingArguments(activation_checkpointing=True)``, or
 ``gradient_checkpointing_enable()`` on the model), whose ``enable_input_require_grads`` hook
@@ -45,9 +46,14 @@ is refused: SAFE's does not offload). Under a budget
 the per-block costs are measured once on the longest training batch under the Trainer's
 autocast, the plan is made
 before the first step (an impossible budget fails there, naming the smallest that fits)
-and re-made at every freeze event that raises the frozen prefix. SAFE's log values then
+and re-made at every freeze event. SAFE's log values then
 include ``safe/checkpointed_blocks`` (blocks checkpointed above the frozen prefix) and,
-under a budget, ``safe/planned_activation_peak_mib``.
+under a budget, ``safe/planned_activation_peak_mib`` and ``safe/predicted_step_peak_mib``.
+
+Measuring: with ``measure_memory=True`` the session measures every step's whole peak
+(``memory.tracker``, from ``on_step_begin`` to ``on_step_end``: forward, backward and the
+optimizer step); the largest since the last log record rides on it as
+``safe/step_peak_mib``, and ``callback.session.step_peak`` holds the last step's, by category.
 
 Resuming: ``session.state_dict()`` is saved in the checkpoint's ``trainer_state.json``
 (``ExportableState``), so ``trainer.train(resume_from_checkpoint=...)`` restores frozen
@@ -176,7 +182,9 @@ class SafeCallback(TrainerCallback, ExportableState):
         config: the SAFE configuration (a ``SafeConfig`` or its dict).
         checkpointing: ``"none"`` (no checkpointing of SAFE's own; transformers' is taken over),
             ``"all"`` blocks, or ``"auto"``: the fewest that fit ``memory_budget``.
-        memory_budget: the activation memory a step may hold at its peak, e.g. ``"6GiB"``; implies ``"auto"``.
+        memory_budget: the memory a whole step may hold at its peak, e.g. ``"6GiB"``; implies ``"auto"``.
+        activation_budget: instead, the saved-activation memory a step may hold at its peak; implies ``"auto"``.
+        measure_memory: measure every step's whole peak (module docstring); it slows each step down.
 
     After training, ``callback.session`` holds the run's ``SafeSession``: ``callback.freezer`` its decisions
     (``freezer.events``: every freeze event), ``callback.plan`` its checkpointing plan (measured ``costs``).
@@ -188,13 +196,21 @@ class SafeCallback(TrainerCallback, ExportableState):
     """
 
     def __init__(
-        self, config: SafeConfig | dict | None = None, checkpointing: str = "none", memory_budget: str | None = None
+        self,
+        config: SafeConfig | dict | None = None,
+        checkpointing: str = "none",
+        memory_budget: str | None = None,
+        activation_budget: str | None = None,
+        measure_memory: bool = False,
     ) -> None:
         self.config = config if isinstance(config, SafeConfig) else SafeConfig.from_dict(config or {})
         self.checkpointing = checkpointing
-        self.memory_budget = memory_budget
-        ActivationPlan.from_switches(checkpointing, memory_budget)  # a contradiction fails here, not at train begin
+        self.memory_budget, self.activation_budget = memory_budget, activation_budget
+        self.measure_memory = measure_memory
+        # a contradiction fails here, not at train begin
+        ActivationPlan.from_switches(checkpointing, memory_budget, activation_budget)
         self.session: SafeSession | None = None
+        self._largest_peak = 0  # the largest measured step peak since the last log record
         self._unlogged: dict[str, float] = {}  # SAFE's values waiting for the Trainer's next log record
         self._log_plan = False  # whether the checkpointing plan is logged: SAFE's own, or one taken over
 
@@ -223,7 +239,9 @@ class SafeCallback(TrainerCallback, ExportableState):
             batch_size=args.per_device_train_batch_size,
             checkpointing=self.checkpointing,
             memory_budget=self.memory_budget,
+            activation_budget=self.activation_budget,
             autocast=partial(trainer_autocast, args, device),
+            measure_memory=self.measure_memory,
         )
         if self.session.taken_over:
             logger.warning("SAFE: %s", self.session.taken_over)
@@ -259,6 +277,9 @@ class SafeCallback(TrainerCallback, ExportableState):
 
     def on_step_end(self, args, state, control, **kwargs):
         event = self.session.after_step(state.global_step) if self.session is not None else None
+        if self.session is not None and self.session.step_peak is not None:
+            self._largest_peak = max(self._largest_peak, self.session.step_peak.bytes)
+            self._unlogged["safe/step_peak_mib"] = self._largest_peak / MIB
         if event is None:
             return
         self._unlogged.update(event_logs(event))
@@ -276,15 +297,17 @@ class SafeCallback(TrainerCallback, ExportableState):
     def _plan_logs(self) -> dict[str, float]:
         """The checkpointing plan's log values: blocks checkpointed above the frozen prefix, the planned peak."""
         logs = {"safe/checkpointed_blocks": len(self.session.checkpointed_blocks())}
-        peak = self.session.planned_peak()
+        peak, predicted = self.session.planned_peak(), self.session.predicted_step()
         if peak is not None:
             logs["safe/planned_activation_peak_mib"] = peak / MIB
+            logs["safe/predicted_step_peak_mib"] = predicted.total / MIB
         return logs
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         """Add SAFE's waiting values to this record: to ``logs`` and to its entry in ``state.log_history``."""
         if not self._unlogged or logs is None:
             return
+        self._largest_peak = 0
         logs.update(self._unlogged)
         record = state.log_history[-1] if state.log_history else None
         if record is not None and record.get("step") == state.global_step:
@@ -300,6 +323,8 @@ class SafeCallback(TrainerCallback, ExportableState):
                 "config": self.config.to_dict(),
                 "checkpointing": self.checkpointing,
                 "memory_budget": self.memory_budget,
+                "activation_budget": self.activation_budget,
+                "measure_memory": self.measure_memory,
             },
             "attributes": {},
             "session": self.session.state_dict() if self.session is not None else None,

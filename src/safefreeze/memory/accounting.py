@@ -44,6 +44,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
+from safefreeze.memory import tracker
+
 
 @dataclass
 class SavedTensors:
@@ -65,6 +67,12 @@ class SavedTensors:
     recomputed_bytes_by_scope: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     recomputed_live_bytes_by_scope: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     recomputed_count_by_scope: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+
+
+def storage_key(storage: torch.UntypedStorage) -> int:
+    """What tells storages apart: the data pointer, or on the meta device (no data, every pointer 0) the
+    storage's Python object, which PyTorch keeps exactly as long as the storage."""
+    return storage.data_ptr() or id(storage)
 
 
 class _Held:
@@ -89,7 +97,7 @@ class _Recording:
 
     def __init__(self, model: nn.Module, scopes: dict[str, nn.Module]) -> None:
         self.record = SavedTensors()
-        self.parameter_storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        self.parameter_storages = {storage_key(p.untyped_storage()) for p in model.parameters()}
         self.scope_of = {id(module): name for name, module in scopes.items()}
         self.stack: list[str] = []
         self.seen: set[int] = set()
@@ -99,10 +107,10 @@ class _Recording:
 
     def _storage(self, tensor: torch.Tensor) -> tuple[int, int] | None:
         """(pointer, bytes) of an activation's storage; None for parameters and storage-less tensors."""
-        if tensor.layout != torch.strided or tensor.device.type == "meta":
+        if tensor.layout != torch.strided:
             return None
         storage = tensor.untyped_storage()
-        pointer = storage.data_ptr()
+        pointer = storage_key(storage)
         return None if pointer in self.parameter_storages else (pointer, storage.nbytes())
 
     def _hold(self, pointer: int, size: int) -> bool:
@@ -124,6 +132,7 @@ class _Recording:
             self.live_bytes -= holders[1]
 
     def pack(self, tensor: torch.Tensor):
+        tracker.note_saved(tensor)  # this hook hides a step tracker's, which would have noted it
         scope = self.stack[-1] if self.stack else "outside"
         self.record.count += 1
         self.record.count_by_scope[scope] += 1
@@ -149,6 +158,7 @@ class _Recording:
         scope = self.scope_of.get(id(module), "outside")
         self.record.recomputed_count_by_scope[scope] += 1
         kept = tensor.detach() if tensor.requires_grad else tensor
+        tracker.note_saved(kept)
         storage = self._storage(kept)
         if storage is not None:
             pointer, size = storage
@@ -211,10 +221,14 @@ class _Recomputing:
 
     def __enter__(self) -> None:
         recording = _recordings[-1] if _recordings else None
-        inner = torch._C._autograd._top_saved_tensors_default_hooks(False) if recording else None
+        watched = recording is not None or tracker.running()
+        inner = torch._C._autograd._top_saved_tensors_default_hooks(False) if watched else None
         if inner is not None:
             inner_pack, inner_unpack = inner
-            pack = partial(recording.pack_recomputed, inner_pack, self.module)
+            if recording is not None:
+                pack = partial(recording.pack_recomputed, inner_pack, self.module)
+            else:
+                pack = partial(_noted, inner_pack)
             torch._C._autograd._push_saved_tensors_default_hooks(pack, inner_unpack)
         self._pushed.append(inner is not None)
 
@@ -223,8 +237,15 @@ class _Recomputing:
             torch._C._autograd._pop_saved_tensors_default_hooks()
 
 
+def _noted(inner_pack, tensor: torch.Tensor):
+    """A recomputation's save outside a recording: a running step tracker files it as an activation."""
+    tracker.note_saved(tensor)
+    return inner_pack(tensor)
+
+
 def recomputing(module: nn.Module) -> _Recomputing:
-    """The context under which a checkpoint recomputes ``module``: its saves reach the recording in progress.
+    """The context under which a checkpoint recomputes ``module``: its saves reach the recording in progress
+    (and a running step tracker, ``tracker.note_saved``).
 
     ``torch.utils.checkpoint`` enters it (the recompute context of ``context_fn``) inside
     its own recomputation hooks, whose pack hook keeps each recomputed tensor for

@@ -1,8 +1,9 @@
 """Memory budget: checkpoint the fewest blocks that keep a step's activation peak under a budget.
 
-The budget bounds the peak of live saved-for-backward bytes (``accounting``'s
-``peak_bytes``): the activation memory that checkpointing controls. Weights, gradients
-and optimizer state come on top and do not depend on the plan.
+The plan bounds the peak of live saved-for-backward bytes (``accounting``'s
+``peak_bytes``): the activation memory that checkpointing controls. Weights, gradients,
+optimizer state and the step's temporaries come on top and do not depend on the plan: a
+budget for the whole step (predict.py) leaves the activations what they do not take.
 
 Cost model, per transformer block ``i`` at the worst-case batch (``longest_batch``), with
 blocks below ``k`` frozen (they save nothing and are never checkpointed) and ``C`` the
@@ -35,7 +36,10 @@ block (``S_i`` from what the recomputation saves) without ever holding an unchec
 at two small batches of the worst case's rows and width (the longest rows plus the
 shortest, so padding is present exactly when it is in the worst case). Every saved tensor
 has the batch as a dimension, so each cost is affine in the batch size and the two
-measurements give it at full size exactly, in a fraction of one full step.
+measurements give it at full size exactly, in a fraction of one full step. The same two
+steps run under the step tracker (tracker.py), which gives the most temporaries live at once
+(the batch, the logits and their gradient ...) until backward reaches the top block, and from
+there on (a block's backward: gradients of its activations), extrapolated alike.
 """
 
 from __future__ import annotations
@@ -50,8 +54,9 @@ from torch import nn
 
 from safefreeze.core.config import ConfigError
 from safefreeze.core.units import find_blocks
-from safefreeze.memory.accounting import record_saved_tensors
+from safefreeze.memory.accounting import record_saved_tensors, storage_key
 from safefreeze.memory.recompute import checkpoint_blocks, checkpointed_blocks
+from safefreeze.memory.tracker import track_step
 
 _UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12}
 _UNITS.update({f"{p}ib": 1024 ** (i + 1) for i, p in enumerate("kmgt")})
@@ -82,8 +87,11 @@ def format_size(size: int, round_up: bool = True) -> str:
 class BlockCosts:
     """Activation bytes of the worst-case step, per block (module docstring): the planner's input.
 
-    ``stored``, ``inputs`` and ``recomputed`` hold ``S_i``, ``I_i`` and ``R_i`` by block.
-    Plain integers, so a checkpoint can keep them and a resumed run re-plans the same.
+    ``stored``, ``inputs`` and ``recomputed`` hold ``S_i``, ``I_i`` and ``R_i`` by block;
+    ``head_temporaries`` and ``block_temporaries`` the most bytes live at once that were neither
+    saved nor static (predict.py) until backward reached the top block, and from there on (0 in
+    costs saved before they were measured). Plain integers, so a checkpoint can keep them and a
+    resumed run re-plans the same.
     """
 
     stored: tuple[int, ...]
@@ -92,18 +100,32 @@ class BlockCosts:
     shared: int
     below: int
     above: int
+    head_temporaries: int = 0
+    block_temporaries: int = 0
 
-    def peak(self, checkpointed: Iterable[int], frozen_prefix: int = 0) -> int:
-        """``peak(C, k)``: the step's peak live activation bytes with these blocks checkpointed."""
+    def moments(self, checkpointed: Iterable[int], frozen_prefix: int = 0) -> list[tuple[int, int]]:
+        """(saved activations, temporaries) live at each moment a peak can fall on: the end of the forward with
+        the head's backward (the head's temporaries, or the top blocks' backward ones if more), and the
+        recomputation of each checkpointed block (a block's backward temporaries)."""
         chosen = set(checkpointed)
         live, moments = self.below, []
         for i in range(frozen_prefix, len(self.stored)):
             if i in chosen:
                 live += self.inputs[i] + (self.shared if i == min(chosen) else 0)
-                moments.append(live + self.recomputed[i])
+                moments.append((live + self.recomputed[i], self.block_temporaries))
             else:
                 live += self.stored[i]
-        return max([live + self.above, *moments])
+        head = max(self.above + self.head_temporaries, self.block_temporaries)
+        return [(live + self.above, head - self.above), *moments]
+
+    def peak(self, checkpointed: Iterable[int], frozen_prefix: int = 0, temporaries: bool = False) -> int:
+        """``peak(C, k)``: the step's peak live activation bytes with these blocks checkpointed; with
+        ``temporaries``, of activations and temporaries together (the dynamic part of a whole step)."""
+        return max(saved + (extra if temporaries else 0) for saved, extra in self.moments(checkpointed, frozen_prefix))
+
+    def step_peak(self, checkpointed: Iterable[int], frozen_prefix: int = 0) -> tuple[int, int]:
+        """(activations, temporaries) at the moment their sum peaks: the dynamic part of a whole step."""
+        return max(self.moments(checkpointed, frozen_prefix), key=sum)
 
     def plan(self, budget: int, frozen_prefix: int = 0) -> tuple[int, ...]:
         """The fewest blocks to checkpoint so that ``peak(C, k)`` is at most ``budget`` (sorted).
@@ -112,43 +134,52 @@ class BlockCosts:
             ConfigError: if no choice of checkpointed blocks brings the peak under ``budget``;
                 the message names the smallest budget that fits.
         """
-        chosen = self._fewest(budget, frozen_prefix)
+        chosen = self.fewest(budget, frozen_prefix)
         if chosen is not None:
             return chosen
-        low, high = 0, self.peak((), frozen_prefix)  # checkpointing nothing always meets its own peak
-        while low < high:
-            middle = (low + high) // 2
-            low, high = (low, middle) if self._fewest(middle, frozen_prefix) is not None else (middle + 1, high)
-        given, least = format_size(budget, round_up=False), format_size(high)
+        given, least = format_size(budget, round_up=False), format_size(self.smallest_peak(frozen_prefix))
         raise ConfigError(
-            f"memory budget {given} is too small: however many blocks are checkpointed the activation peak is at "
-            f"least {least}; set --memory-budget {least} or more, or lower the batch size or maximum length"
+            f"activation budget {given} is too small: however many blocks are checkpointed the activation peak is "
+            f"at least {least}; set --activation-budget {least} or more, or lower the batch size or maximum length"
         )
 
-    def _fewest(self, budget: int, frozen_prefix: int) -> tuple[int, ...] | None:
+    def smallest_peak(self, frozen_prefix: int = 0, temporaries: bool = False) -> int:
+        """The smallest peak any choice of checkpointed blocks reaches (the least budget that fits); with
+        ``temporaries``, of activations and temporaries together."""
+        low, high = 0, self.peak((), frozen_prefix, temporaries)  # checkpointing nothing meets its own peak
+        while low < high:
+            middle = (low + high) // 2
+            fits = self.fewest(middle, frozen_prefix, temporaries) is not None
+            low, high = (low, middle) if fits else (middle + 1, high)
+        return high
+
+    def fewest(self, budget: int, frozen_prefix: int = 0, temporaries: bool = False) -> tuple[int, ...] | None:
         """The smallest ``C`` with ``peak(C, k) ≤ budget``, or None: dynamic programming from the bottom block up.
 
         After deciding blocks ``k..i−1``, of all choices with the same number of checkpointed
         blocks (and whether there is one yet: the shared inputs) only the one leaving the
         least live is kept: every later term of the peak grows with it. Among equally few
-        blocks, the lowest-peak choice wins, then the lowest blocks.
+        blocks, the lowest-peak choice wins, then the lowest blocks. With ``temporaries`` each
+        moment's temporaries count too (``moments``).
         """
+        block = self.block_temporaries if temporaries else 0
+        end = max(self.above + self.head_temporaries, block) if temporaries else self.above
         states: dict[tuple[int, bool], tuple[int, tuple[int, ...]]] = {(0, False): (self.below, ())}
         for i in range(frozen_prefix, len(self.stored)):
             following: dict[tuple[int, bool], tuple[int, tuple[int, ...]]] = {}
             for (count, any_checkpointed), (live, chosen) in states.items():
                 options = [((count, any_checkpointed), live + self.stored[i], chosen)]
                 kept = live + self.inputs[i] + (0 if any_checkpointed else self.shared)
-                if kept + self.recomputed[i] <= budget:
+                if kept + self.recomputed[i] + block <= budget:
                     options.append(((count + 1, True), kept, (*chosen, i)))
                 for key, after, plan in options:
                     if key not in following or after < following[key][0]:
                         following[key] = (after, plan)
             states = following
-        fitting = [(count, chosen) for (count, _), (live, chosen) in states.items() if live + self.above <= budget]
+        fitting = [(count, chosen) for (count, _), (live, chosen) in states.items() if live + end <= budget]
         if not fitting:
             return None
-        return min(fitting, key=lambda fit: (fit[0], self.peak(fit[1], frozen_prefix), fit[1]))[1]
+        return min(fitting, key=lambda fit: (fit[0], self.peak(fit[1], frozen_prefix, temporaries), fit[1]))[1]
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -164,23 +195,35 @@ def longest_batch(examples: list[dict], batch_size: int, collate: Callable[[list
     return collate([examples[i] for i in order[:batch_size]])
 
 
-def _record(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[list[int], list[int], list[int], int, int, int]:
-    """One step of ``batch`` with every block checkpointed: (S, I, R, shared, below, above) as measured."""
+def _record(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple:
+    """One step of ``batch`` with every block checkpointed: (S, I, R, shared, below, above, head temporaries,
+    block temporaries) as measured."""
     blocks = find_blocks(model)
     names = {i: f"block.{i}" for i in blocks}
     below: list[int] = []
     given: dict[int, dict[int, int]] = {}  # block -> storage pointer -> bytes, of its positional tensor inputs
+    head: list[int] = []  # the most temporaries live before backward reached the top block
+
+    def reaching_the_top(grad: torch.Tensor) -> None:  # the top block's output has its gradient
+        head.append(tracker.reset_max_temporaries())
+
+    def top_output(module, args, output) -> None:
+        hidden = output[0] if isinstance(output, tuple) else output
+        if hidden.requires_grad:
+            hidden.register_hook(reaching_the_top)
 
     def enter(index: int):
         def hook(module, args) -> None:
             below.append(saved.bytes)
             storages = [a.untyped_storage() for a in args if torch.is_tensor(a)]
-            given[index] = {storage.data_ptr(): storage.nbytes() for storage in storages}
+            given[index] = {storage_key(storage): storage.nbytes() for storage in storages}
 
         return hook
 
-    with record_saved_tensors(model, {names[i]: block for i, block in blocks.items()}) as saved:
+    scopes = {names[i]: block for i, block in blocks.items()}
+    with track_step(model) as tracker, record_saved_tensors(model, scopes) as saved:
         handles = [block.register_forward_pre_hook(enter(i)) for i, block in blocks.items()]
+        handles.append(blocks[max(blocks)].register_forward_hook(top_output))
         try:
             model(**batch).loss.backward()
         finally:
@@ -197,6 +240,8 @@ def _record(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[list[int]
         sum(shared.values()),
         below[0],
         saved.bytes - below[0] - sum(saved.bytes_by_scope[name] for name in names.values()),
+        head[0] if head else tracker.max_temporaries,  # no gradient reached the blocks: all of it is the head's
+        tracker.max_temporaries,
     )
 
 
@@ -211,7 +256,8 @@ def measure_block_costs(model: nn.Module, batch: dict[str, torch.Tensor]) -> Blo
     device = next(model.parameters()).device
     tokens = batch["attention_mask"].sum(1) if "attention_mask" in batch else torch.ones(len(batch["input_ids"]))
     rows = tokens.argsort(descending=True, stable=True).tolist()
-    sizes = (2, 3) if len(rows) > 3 else (len(rows),)
+    # On the meta device nothing is computed, so the full batch costs no more than two small ones.
+    sizes = (2, 3) if len(rows) > 3 and device.type != "meta" else (len(rows),)
     before, was_training = checkpointed_blocks(model), model.training
     measured = []
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
@@ -230,8 +276,7 @@ def measure_block_costs(model: nn.Module, batch: dict[str, torch.Tensor]) -> Blo
     else:  # affine in the batch size: value(n) = value(3) + (value(3) - value(2)) * (n - 3)
         extra = len(rows) - sizes[1]
         at_full = tuple(_extrapolate(small, large, extra) for small, large in zip(*measured, strict=True))
-    stored, inputs, recomputed, shared, below, above = at_full
-    return BlockCosts(tuple(stored), tuple(inputs), tuple(recomputed), shared, below, above)
+    return BlockCosts(*(tuple(value) if isinstance(value, list) else value for value in at_full))
 
 
 def _extrapolate(small, large, extra: int):

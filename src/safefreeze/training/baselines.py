@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from safefreeze.core.config import ConfigError, SafeConfig
+from safefreeze.core.policy import lowest_blocks
 from safefreeze.core.units import AdapterUnit
 
 FREEZEOUT_T0 = 0.8
@@ -70,8 +71,7 @@ def random_plan(unit_names: list[str], counts: dict[int, int], seed: int) -> dic
 
 def adapterdrop_plan(units: list[AdapterUnit], drop_blocks: int, at_step: int = 0) -> dict[int, list[str]]:
     """Every unit of the lowest ``drop_blocks`` blocks, frozen after step ``at_step`` (0: before the first step)."""
-    lowest = set(sorted({u.block for u in units})[:drop_blocks])
-    return {at_step: [u.name for u in units if u.block in lowest]}
+    return {at_step: lowest_blocks(units, drop_blocks)}
 
 
 def freezeout_plan(

@@ -14,17 +14,25 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from transformers import get_scheduler
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, get_scheduler
 
 from safefreeze.adapters.bottleneck import BottleneckConfig, add_bottleneck
 from safefreeze.core.config import ConfigError, SafeConfig
 from safefreeze.session import SafeSession
 from safefreeze.training import distributed
 from safefreeze.training.config import LR_SCHEDULERS, PRECISIONS, TrainConfig
-from safefreeze.training.data import Collator, check_task, encode
+from safefreeze.training.data import Collator, TaskData, check_task, encode
 from safefreeze.training.datafiles import load_dataset
 from safefreeze.training.methods import METHODS, PLANNED, freezes, planned_strategy
-from safefreeze.training.models import add_lora, load_model, load_tokenizer, model_kind, resolve_model
+from safefreeze.training.models import (
+    ModelSource,
+    add_lora,
+    load_config,
+    load_model,
+    load_tokenizer,
+    model_kind,
+    resolve_model,
+)
 from safefreeze.training.prefix_cache import CACHE_DTYPES, PrefixCache
 
 DEFAULT_MAX_LENGTH = {"classification": 64, "causal_lm": 128}
@@ -42,13 +50,19 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def prepare(config: TrainConfig):
-    """Task, tokenizer, encoded splits and the (adapter-wrapped) model, with clear errors."""
+def task_and_source(config: TrainConfig) -> tuple[TaskData, ModelSource]:
+    """The task and where the model is, checked to go together."""
     task = load_dataset(config.dataset, config.text_column, config.text_pair_column, config.label_column)
     check_task(task)
     source = resolve_model(config.model)
     if task.kind == "causal_lm" and model_kind(source) != "decoder":
         raise ConfigError(f"{config.dataset} is a causal-LM dataset; use a decoder model such as smollm2")
+    return task, source
+
+
+def prepare(config: TrainConfig):
+    """Task, tokenizer, encoded splits and the (adapter-wrapped) model, with clear errors."""
+    task, source = task_and_source(config)
     tokenizer = load_tokenizer(source)
     max_length = config.max_length or DEFAULT_MAX_LENGTH[task.kind]
     train_examples, test_examples = encode(task, tokenizer, max_length)
@@ -67,6 +81,31 @@ def prepare(config: TrainConfig):
     if METHODS[config.method].adapter:
         model = add_adapter(model, task.kind, config)
     return task, tokenizer, train_examples, test_examples, model
+
+
+def blank_model(config: TrainConfig) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """The model ``prepare`` builds, adapter included, on the meta device (shapes and dtypes, no values, no memory),
+    and its worst-case micro-batch: ``batch_size / grad_accum`` rows of ``max_length`` tokens, labels included.
+
+    What a step holds depends on shapes alone, so ``safefreeze plan`` plans on these without reading weights or
+    examples (a full-length row holds no padding: the worst case any data can give at that length).
+    """
+    task, source = task_and_source(config)
+    model_config = load_config(source)
+    rows, tokens = config.batch_size // config.grad_accum, config.max_length or DEFAULT_MAX_LENGTH[task.kind]
+    ids = torch.ones(rows, tokens, dtype=torch.long, device="meta")  # token 1, never the padding token 0
+    if model_config.pad_token_id is None:
+        model_config.pad_token_id = 0
+    if task.kind == "classification":
+        model_config.num_labels = len(task.labels)
+        auto, labels = AutoModelForSequenceClassification, torch.zeros(rows, dtype=torch.long, device="meta")
+    else:
+        auto, labels = AutoModelForCausalLM, ids
+    with torch.device("meta"):
+        model = auto.from_config(model_config)
+        if METHODS[config.method].adapter:
+            model = add_adapter(model, task.kind, config)
+    return model.train(), {"input_ids": ids, "labels": labels}
 
 
 def add_adapter(model: nn.Module, kind: str, config: TrainConfig) -> nn.Module:
@@ -114,7 +153,9 @@ def make_session(
         freeze=freezes(config.method),
         checkpointing=config.checkpointing,
         memory_budget=config.memory_budget,
+        activation_budget=config.activation_budget,
         autocast=partial(autocast, config, device),
+        measure_memory=config.measure_memory,
     )
 
 

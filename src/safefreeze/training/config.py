@@ -254,26 +254,35 @@ class OptimisationOptions:
 
 @dataclass
 class MemoryOptions:
-    """Activation memory: which transformer blocks recompute their activations in backward (memory/plan.py)."""
+    """Memory: which transformer blocks recompute their activations in backward, to fit a budget (memory/plan.py)."""
 
     section: ClassVar[str] = "memory"
     checkpointing: str = field(
         default="none",
         metadata={
             "help": f"activation checkpointing: {', '.join(CHECKPOINTING_MODES)} (auto: the fewest blocks that fit "
-            "--memory-budget); frozen blocks are never checkpointed"
+            "--memory-budget or --activation-budget); frozen blocks are never checkpointed"
         },
     )
     memory_budget: str | None = field(
         default=None,
         metadata={
-            "help": "the most activation memory a step may hold at its peak, e.g. 300MiB or 6GiB: checkpoint the "
-            "fewest blocks that fit, fewer as blocks freeze (implies --checkpointing auto)"
+            "help": "the most memory a whole training step may hold at its peak (weights, gradients, optimizer "
+            "state, activations, temporaries), e.g. 6GiB: checkpoint the fewest blocks that fit, fewer as blocks "
+            "freeze (implies --checkpointing auto; see safefreeze plan)"
+        },
+    )
+    activation_budget: str | None = field(
+        default=None,
+        metadata={
+            "help": "instead of --memory-budget: the most saved-for-backward activation memory a step may hold at "
+            "its peak, e.g. 300MiB (implies --checkpointing auto)"
         },
     )
 
     def _check(self) -> None:
-        ActivationPlan.from_switches(self.checkpointing, self.memory_budget)  # the switches agree, the size parses
+        # the switches agree, the sizes parse
+        ActivationPlan.from_switches(self.checkpointing, self.memory_budget, self.activation_budget)
 
 
 @dataclass
@@ -282,6 +291,13 @@ class OutputOptions:
 
     section: ClassVar[str] = "output"
     flops_every: int = field(default=25, metadata={"help": "count FLOPs on step 1 and every N steps after"})
+    measure_memory: bool = field(
+        default=False,
+        metadata={
+            "help": "measure every step's whole peak memory by category (step_peak_bytes in metrics.jsonl and "
+            "report.json; slows each step down)"
+        },
+    )
     eval_batch_size: int = field(default=64, metadata={"help": "examples per evaluation batch"})
 
     def _check(self) -> None:

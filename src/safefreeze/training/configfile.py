@@ -8,10 +8,11 @@
     tau = 0.2
 
 Sections are the option groups (training/config.py: model, data, adapter, method,
-optimisation, output) and ``safe`` (``SafeConfig``); keys are the long flags, with ``-``
-or ``_``. A flat file of ``name: value`` pairs (the format before sections) is read too:
-every option name belongs to exactly one group. Values are checked against the option's
-type here, so that a mistake is named with the file it is in.
+optimisation, memory, output), ``safe`` (``SafeConfig``) and ``checkpoints`` (``train``'s
+``save_every`` and ``keep_checkpoints``: how a run is saved, not what it is, so not part of
+its identity); keys are the long flags, with ``-`` or ``_``. A flat file of ``name: value``
+pairs (the format before sections) is read too: every option name belongs to exactly one group.
+Values are checked against the option's type here, so that a mistake is named with the file it is in.
 """
 
 from __future__ import annotations
@@ -21,6 +22,10 @@ from pathlib import Path
 from typing import Any
 
 from safefreeze.core.config import ConfigError
+
+# Flags of ``safefreeze train`` a file may set besides the options, by section (the group --help lists them in);
+# all of them whole numbers.
+RUN_FLAGS = {"save_every": "checkpoints", "keep_checkpoints": "checkpoints"}
 
 
 def value_type(annotation: str) -> type:
@@ -62,14 +67,16 @@ def read_options(path: Path, groups: dict[str, type], flags: dict[str, str]) -> 
         path: the YAML or TOML file.
         groups: section name → the dataclass whose fields its options are (in lookup order:
             a flat key goes to the first group that has it).
-        flags: names a file may also set that are not options (``out``...) → their section.
+        flags: names a file may also set that are not options (``out``...) → their section;
+            ``RUN_FLAGS`` are always accepted.
     """
     where = f"--config {path}"
+    flags = {**RUN_FLAGS, **flags}
     home = {**{f.name: s for s, group in reversed(groups.items()) for f in fields(group)}, **flags}
     options: dict[str, dict[str, Any]] = {section: {} for section in groups}
     for key, value in read_mapping(path).items():
         key = str(key).replace("-", "_")
-        if isinstance(value, dict) and key in groups:
+        if isinstance(value, dict) and (key in groups or key in flags.values()):
             entries, section = value.items(), key
         elif key in home:
             entries, section = [(key, value)], None  # a flat file: the option's own group
@@ -83,7 +90,11 @@ def read_options(path: Path, groups: dict[str, type], flags: dict[str, str]) -> 
             known = {f.name: f for f in fields(groups[in_section])} if in_section in groups else {}
             if name not in known and flags.get(name) != in_section:
                 raise ConfigError(f"{where}: option {name!r} belongs in [{home[name]}], not [{in_section}]")
-            options.setdefault(in_section, {})[name] = item if name not in known else _checked(known[name], item, where)
+            if name in known:
+                item = _checked(known[name], item, where)
+            elif name in RUN_FLAGS and not (isinstance(item, int) and not isinstance(item, bool)):
+                raise ConfigError(f"{where}: {name} must be a whole number, got {item!r}")
+            options.setdefault(in_section, {})[name] = item
     return options
 
 

@@ -5,7 +5,7 @@ an adapter, which decision strategy freezes its units), whether it follows a SAF
 freezing (``--reference``: the bench runs that SAFE cell first), and how plots show it.
 Training methods are the rows ``safefreeze train --method`` takes; a *variant* (``safe+merge``
 ...) is a bench row that trains its ``base`` method with a few options switched on. A row
-with a ``lora_budget`` trains under a memory budget that is that fraction of plain LoRA's
+with a ``lora_budget`` trains under an activation budget that is that fraction of plain LoRA's
 measured activation peak on the same task and seed (the bench runs that LoRA cell first).
 
     lora         the adapter alone                      nothing freezes

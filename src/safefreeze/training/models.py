@@ -13,6 +13,8 @@ tokenizer, for scripts that load models with ``from_pretrained`` (TRL, Accelerat
 
 from __future__ import annotations
 
+import json
+import os
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,7 +23,14 @@ from pathlib import Path
 
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 from torch import nn
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PretrainedConfig,
+)
 
 from safefreeze.core.config import ConfigError
 from safefreeze.core.units import is_decoder_only
@@ -112,9 +121,41 @@ def load_model(source: ModelSource, kind: str, num_labels: int = 0, pad_token_id
 
 def model_kind(source: ModelSource) -> str:
     """'encoder' or 'decoder', from the model's config."""
+    return "decoder" if is_decoder_only(load_config(source)) else "encoder"
+
+
+def _config_cache() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "safefreeze" / "configs"
+
+
+def load_config(source: ModelSource) -> PretrainedConfig:
+    """The model's transformers config.
+
+    A ``.gguf`` file's is read from its metadata, and transformers parses all of it, the tokenizer's
+    vocabulary too: seconds for SmolLM2. So it is kept as JSON in the user's cache
+    (``$XDG_CACHE_HOME/safefreeze/configs``), keyed by the file's path, size and modification time;
+    a cache that cannot be written is skipped.
+    """
+    if not source.gguf_file:
+        with _readable(source):
+            return AutoConfig.from_pretrained(source.directory)
+    file = (Path(source.directory) / source.gguf_file).resolve()
+    stat = file.stat()
+    key = re.sub(r"[^A-Za-z0-9]+", "-", f"{file}-{stat.st_size}-{stat.st_mtime_ns}").strip("-")
+    cached = _config_cache() / f"{key}.json"
+    if cached.exists():
+        settings = json.loads(cached.read_text())
+        return AutoConfig.for_model(settings.pop("model_type"), **settings)
     with _readable(source):
         config = AutoConfig.from_pretrained(source.directory, **source.kwargs())
-    return "decoder" if is_decoder_only(config) else "encoder"
+    try:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        partial = cached.with_suffix(f".{os.getpid()}.tmp")
+        partial.write_text(json.dumps(config.to_dict()))
+        partial.replace(cached)
+    except OSError:
+        pass  # a read-only home: read the metadata again next time
+    return config
 
 
 def export_model(spec: str, out_dir: str | Path) -> Path:

@@ -25,7 +25,7 @@ class StepRecord:
     ``lr`` is the learning rate the step used; ``activation_bytes`` the bytes autograd saved
     for backward in the forward pass; ``activation_peak_bytes`` the most saved bytes live at
     once over forward and backward, recomputation of checkpointed blocks included (equal to
-    ``activation_bytes`` without checkpointing; what ``--memory-budget`` bounds);
+    ``activation_bytes`` without checkpointing; what ``--activation-budget`` bounds);
     ``checkpointed_blocks`` the blocks that ran checkpointed in this step (above the frozen
     prefix); ``resident_peak_bytes`` the process's peak resident memory over the step's
     forward, backward and update, and ``cuda_peak_bytes`` the same of allocated CUDA memory
@@ -35,7 +35,9 @@ class StepRecord:
     ``seconds`` the step's wall-clock time on the other steps (counting FLOPs slows a step);
     ``ddp_rebuild_seconds`` the time DDP's wrapper took to be rebuilt after a freeze;
     ``frozen_units`` / ``trainable_units`` the adapter units frozen and still trained after
-    the step's freeze decision.
+    the step's freeze decision. With ``--measure-memory``, ``step_peak_bytes`` is the step's
+    whole peak (memory/tracker.py: on CUDA the allocator's) and ``step_peak_by_category`` its
+    breakdown: parameters, gradients, optimizer_state, activations, temporaries.
     """
 
     step: int
@@ -51,6 +53,8 @@ class StepRecord:
     ddp_rebuild_seconds: float | None
     frozen_units: int
     trainable_units: int
+    step_peak_bytes: int | None = None
+    step_peak_by_category: dict[str, int] | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)

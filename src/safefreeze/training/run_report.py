@@ -1,8 +1,9 @@
-"""What a run's ``report.json`` holds (schema in README, "report.json"), and what makes two runs the same run."""
+"""What a run's ``report.json`` holds (schema in docs/report.md), and what makes two runs the same run."""
 
 from __future__ import annotations
 
 from dataclasses import asdict
+from importlib import metadata
 from typing import TYPE_CHECKING
 
 from safefreeze.core.config import SafeConfig
@@ -21,12 +22,13 @@ def run_identity(config: TrainConfig, safe: SafeConfig) -> dict:
 
 
 def build_report(run: Run, evaluation: dict[str, float], why_no_saving: str | None) -> dict:
-    """The run's report.json content (schema in README, "report.json")."""
+    """The run's report.json content (schema in docs/report.md)."""
     config, freezer, model, steps = run.config, run.session.freezer, run.model, run.progress.records
     activation = [s["activation_peak_bytes"] for s in steps]  # a step's activation memory is its peak
     flops = [s["flops"] for s in steps if s["flops"] is not None]
     seconds = [s["seconds"] for s in steps if s["seconds"] is not None]
     return {
+        "safefreeze_version": metadata.version("safefreeze"),  # the installed package that wrote the report
         "method": config.method,
         "model": config.model,
         "dataset": config.dataset,
@@ -56,7 +58,10 @@ def build_report(run: Run, evaluation: dict[str, float], why_no_saving: str | No
             "resident_peak_bytes": _largest(s["resident_peak_bytes"] for s in steps),
             "cuda_peak_bytes": _largest(s["cuda_peak_bytes"] for s in steps),  # reset at every step: the max
             "checkpointing": run.session.plan.mode,
-            "memory_budget_bytes": run.session.plan.budget,
+            "memory_budget_bytes": run.session.plan.memory_budget,  # the whole step's
+            "activation_budget_bytes": run.session.plan.activation_budget,
+            "predicted_step_peak": _predicted(run.session),
+            **_measured_peak(steps),
             "block_costs": run.session.plan.costs.to_dict() if run.session.plan.costs else None,
             "prefix_cache": run.cache.stats() if run.cache else None,
             "world_size": run.group.world_size,
@@ -76,6 +81,22 @@ def _unit_rows(session: SafeSession) -> list[dict]:
         }
         for unit in session.units
     ]
+
+
+def _predicted(session: SafeSession) -> dict | None:
+    """The whole step's predicted peak under the plan at the end of the run, by category (under a budget)."""
+    predicted = session.predicted_step()
+    return predicted.to_dict() if predicted else None
+
+
+def _measured_peak(steps: list[dict]) -> dict:
+    """The largest measured whole-step peak (``--measure-memory``) and its breakdown by category."""
+    measured = [s for s in steps if s.get("step_peak_bytes") is not None]
+    largest = max(measured, key=lambda s: s["step_peak_bytes"], default=None)
+    return {
+        "step_peak_bytes": largest["step_peak_bytes"] if largest else None,
+        "step_peak_by_category": largest["step_peak_by_category"] if largest else None,
+    }
 
 
 def _largest(values) -> int | None:

@@ -12,7 +12,9 @@ backward, peak resident (and CUDA) memory, FLOPs on sampled steps, seconds on th
 others; it leaves one ``StepRecord`` (records.py), in the report and, with a run
 directory, in ``metrics.jsonl``.
 
-Activation checkpointing (``--checkpointing``, ``--memory-budget``) is the session's
+With ``--measure-memory`` the session measures each step's whole peak, by category (memory/tracker.py).
+
+Activation checkpointing (``--checkpointing``, ``--memory-budget``, ``--activation-budget``) is the session's
 ``ActivationPlan`` (memory/plan.py): under a budget the per-block costs are measured once
 on the worst-case micro-batch (the longest examples) under the run's autocast and the
 fewest blocks that fit are checkpointed before the first step (an impossible budget fails
@@ -240,7 +242,8 @@ def step(run: Run, indices: list[int], batch: dict[str, torch.Tensor], stop_requ
         lr = run.optimizer.param_groups[0]["lr"]
         update(run)
     seconds = accounting.now(run.device) - start
-    rebuild_seconds = decide(run, number)
+    rebuild_seconds = decide(run, number)  # the session's step measurement (--measure-memory) ends here
+    peak = run.session.step_peak if run.config.measure_memory else None
     freezer = run.session.freezer
     frozen = len(freezer.frozen) if freezer else 0
     record = StepRecord(
@@ -257,6 +260,8 @@ def step(run: Run, indices: list[int], batch: dict[str, torch.Tensor], stop_requ
         ddp_rebuild_seconds=rebuild_seconds,
         frozen_units=frozen,
         trainable_units=len(run.session.units) - frozen,
+        step_peak_bytes=peak.bytes if peak else None,
+        step_peak_by_category=peak.by_category if peak else None,
     )
     return record, stop
 
