@@ -6,9 +6,10 @@ good (``--method adapterdrop --drop-blocks k --drop-at t``; t = 0 is AdapterDrop
 single FreezeOut-like freeze). Saving is the run's mean activation memory and FLOPs per step as
 a ratio to LoRA of the same seed; cost is the held-out score against LoRA's. The frontier is the
 best score reachable at each saving: the grid cells no other cell beats on both. Rules are
-points beside it: SAFE's default rule, the paper's (``SafeConfig.paper()``), FreezeOut, and any
-``--rules`` given as SafeConfig settings; for each, its gap: how far below the frontier it lies at its own
-saving (the frontier read linearly between the two cells around that saving).
+points beside it: SAFE's default rule, the paper's (``SafeConfig.paper()``), FreezeOut, random (the
+paper's counts at the paper's steps, random units), and any ``--rules`` given as SafeConfig settings;
+for each, its gap: how far below the frontier it lies at its own saving (the frontier read linearly
+between the two cells around that saving).
 
 Each run's report is kept under ``bench/results/frontier/<tag>/`` (git-ignored), so an
 interrupted grid resumes where it stopped; the rows the tables and figure are made from are
@@ -37,7 +38,7 @@ from safefreeze.training.train import TrainConfig  # noqa: E402
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "frontier"
 LOWER_IS_BETTER = {"perplexity", "loss"}
-BUILTIN = ("default", "paper", "freezeout")
+BUILTIN = ("default", "paper", "freezeout", "random")
 FIELDS = ("tag", "seed", "name", "k", "t", "metric", "score", "delta", "memory", "flops", "frozen_units", "prefix")
 MEAN_FIELDS = ("name", "k", "t", "metric", "score", "delta", "memory", "flops", "spread", "seeds")
 
@@ -80,7 +81,10 @@ def grid_rows(args, base: dict, tag: str, seed: int, lora: dict) -> list[dict]:
 
 
 def rule_rows(args, base: dict, tag: str, seed: int, lora: dict) -> list[dict]:
-    """SAFE's default rule, the paper's, the ``--rules`` settings and FreezeOut, trained now or read back."""
+    """SAFE's default rule, the paper's, the ``--rules`` settings, FreezeOut and random, trained now or read back.
+
+    ``random`` is the paper's importance ablation: as many units, frozen at the same steps as the paper's rule froze
+    them in its run of this seed, drawn at random (``--method random --reference`` that run)."""
     rows = []
     builtin = {"default": SafeConfig(seed=seed), "paper": SafeConfig.paper(seed=seed)}
     settings = {
@@ -96,6 +100,13 @@ def rule_rows(args, base: dict, tag: str, seed: int, lora: dict) -> list[dict]:
         config = TrainConfig(**base, method="freezeout", seed=seed)
         report = run(RESULTS / tag / f"freezeout-s{seed}", config, SafeConfig(seed=seed))
         rows.append(measure("freezeout", "", "", report, lora, tag, seed))
+        print(_line(rows[-1]), flush=True)
+    if "random" in args.builtin:
+        paper = RESULTS / tag / f"safe-paper-s{seed}"
+        run(paper, TrainConfig(**base, method="safe", seed=seed), builtin["paper"])
+        config = TrainConfig(**base, method="random", reference=str(paper), seed=seed)
+        report = run(RESULTS / tag / f"random-s{seed}", config, SafeConfig(seed=seed))
+        rows.append(measure("random", "", "", report, lora, tag, seed))
         print(_line(rows[-1]), flush=True)
     return rows
 
@@ -235,7 +246,7 @@ def main() -> None:
         nargs="*",
         choices=BUILTIN,
         default=list(BUILTIN),
-        help="the rules always measured: SAFE's default, the paper's rule, FreezeOut (default: all)",
+        help="the rules always measured: SAFE's default, the paper's rule, FreezeOut, random (default: all)",
     )
     parser.add_argument("--flops-every", type=int, default=25)
     parser.add_argument("--tag", default=None, help="results name (default: model-dataset-nSTEPS-bBATCH)")

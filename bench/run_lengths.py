@@ -73,8 +73,9 @@ def run(directory: Path, config: TrainConfig, safe: SafeConfig) -> dict:
         path.write_text(json.dumps(report))
     report = json.loads(path.read_text())
     wanted = json.loads(json.dumps(run_identity(config, safe)))
-    if report["safe_config"] is not None:  # a setting added since the run had its default then
-        report["safe_config"] = {**wanted["safe_config"], **report["safe_config"]}
+    for key in ("config", "safe_config"):  # an option added since the run was trained had its default then
+        if report[key] is not None and wanted[key] is not None:
+            report[key] = {**wanted[key], **report[key]}
     if {key: report[key] for key in wanted} != wanted:
         raise SystemExit(f"{path} was trained with another configuration; delete it or choose another --tag")
     return report

@@ -11,7 +11,7 @@ same batches in the same order:
                     mirrored to transformers 5's ``activation_checkpointing``): every block, with
                     PEFT's input-require-grads hook;
 - ``lora-no-ckpt``  plain LoRA, ``activation_checkpointing=False``;
-- ``safe``          ``SafeCallback(SafeConfig())``, TRL's defaults: the bottom third of the blocks
+- ``safe``          ``SafeCallback(SafeConfig())``, TRL's defaults: the bottom share of the blocks
                     frozen before the first step, TRL's checkpointing taken over (the frozen blocks
                     neither stored nor recomputed);
 - ``safe-budget``   the same with ``memory_budget`` = 0.6 x ``lora``'s measured peak (``lora`` runs first);

@@ -15,11 +15,10 @@ found no instruction set shipped inside a PyPI package to use instead).
     python examples/sft_trl.py --load-in-4bit                     # QLoRA (needs bitsandbytes)
     python examples/sft_trl.py --model path/to/model.gguf         # any model export_model takes
 
-With SAFE's defaults a 60-step run may freeze nothing: the warm-up is 30 % of the run (18
-steps), and on a decoder the adapters' ranking turns over only after ~100 steps
-(BENCHMARKS.md, "Run length and decoders"), so no unit falls under the threshold in time. The
-run then ends with a warning saying why. The command shows the integration, not the saving:
-for freezing, train a few hundred steps (``--max-steps 500``) or pass ``--tau``.
+With SAFE's defaults the adapters of the bottom sixth of SmolLM2's 30 blocks (5) freeze before
+the first step, and with gradient checkpointing on (TRL's default) the callback takes it over so
+that those blocks are neither stored nor recomputed. On this instruction data that costs eval
+loss (BENCHMARKS.md, "The freezing frontier"): ``--no-safe`` gives the run to compare with.
 """
 
 from __future__ import annotations
@@ -59,9 +58,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--tau", type=float, default=None, help="SAFE's final freezing threshold (default: SafeConfig's)"
     )
-    parser.add_argument(
-        "--policy", default=None, help="which units SAFE freezes (default: SafeConfig's, prefix on a decoder)"
-    )
+    parser.add_argument("--policy", default=None, help="which units SAFE freezes (default: SafeConfig's, bottom)")
     parser.add_argument("--no-safe", action="store_true", help="train plain LoRA, without the callback")
     return parser.parse_args(argv)
 

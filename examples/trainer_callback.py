@@ -5,12 +5,13 @@ A plain Trainer script fine-tunes MiniLM with LoRA on TREC question classificati
 defaults, as the README shows. Runs on CPU in a couple of minutes:
 
     python examples/trainer_callback.py --max-steps 60
-    python examples/trainer_callback.py --max-steps 60 --tau 0.5 --score-every 5
+    python examples/trainer_callback.py --max-steps 60 --tau 0.5 --score-every 5   # a scored rule
     python examples/trainer_callback.py --max-steps 60 --no-safe   # the same run without SAFE
 
-The defaults are meant for runs of a few hundred steps: in 60 steps they may freeze nothing
-(the ranking of the adapters has not settled), and the run then says why in a warning. The
-second command sets a higher threshold and a denser cadence so that a 60-step run freezes.
+The defaults freeze the adapters of the bottom sixth of the blocks (MiniLM: block 0) before the
+first step, whatever the run length. Giving ``--tau`` or ``--score-every`` selects SAFE's scored
+rule instead (the paper's threshold on an encoder), which decides during a warm-up; in 60 steps a
+scored rule may freeze nothing, and the run then says why in a warning.
 
 It prints the accuracy and the frozen units; ``trainer.save_model`` writes the adapter
 (loadable with plain ``PeftModel.from_pretrained``) and, with SAFE, ``safe_state.json`` beside it.

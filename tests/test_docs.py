@@ -3,8 +3,9 @@
 
 - Paths: every repository path written in the text (``src/...``, ``tests/...``, ``bench/...``, ``examples/...``,
   ``docs/...``, ``safefreeze/...`` as short for ``src/safefreeze/...``) exists; ``*`` and ``{a,b}`` are expanded.
-  Paths under ``bench/results/`` are what a bench command writes (git-ignored, never committed) and are not looked
-  up; neither are placeholders (``<task>``, ``NAME``, ``...``).
+  A path exists when a clean clone holds it (git's tracked and not-ignored files, so that a file present only here
+  fails here as it fails in CI). Paths under ``bench/results/`` are what a bench command writes (git-ignored, never
+  committed) and are not looked up; neither are placeholders (``<task>``, ``NAME``, ``...``).
 - Commands: every ``safefreeze SUBCOMMAND ...`` line of a code block in README.md and docs/ (also after
   ``torchrun ... -m safefreeze.cli``) and every inline ``safefreeze ...`` command is accepted by the parser
   ``safefreeze.cli.build_parser`` builds: the subcommand exists and takes the flags given. Nothing is run.
@@ -18,11 +19,14 @@
 from __future__ import annotations
 
 import csv
+import fnmatch
+import functools
 import glob
 import io
 import itertools
 import re
 import shlex
+import subprocess
 from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import fields
 from pathlib import Path
@@ -40,8 +44,9 @@ ALL_DOCS = [*USER_DOCS, ROOT / "BENCHMARKS.md", ROOT / "CHANGELOG.md"]  # paths 
 
 # A repository path: one of the top folders, then path characters; it ends on a letter, digit, '*' or '}'.
 PATH = re.compile(r"(?<![\w./~-])((?:src|tests|bench|examples|docs|safefreeze)/[\w./*{},+=@-]*[\w*}])")
-NOT_LOOKED_UP = ("bench/results/",)  # written by the commands shown, git-ignored
+NOT_LOOKED_UP = ("bench/results",)  # written by the commands shown, git-ignored
 PLACEHOLDER = re.compile(r"<|\.\.\.|\b[A-Z]{3,}\b")  # <task>, ..., NAME / DIR / FILE
+TEMPLATE_TAIL = re.compile(r"[\w./*{},+=@-]*<")  # the path goes on into a <placeholder>: a pattern, not a path
 
 
 def _rel(path: Path) -> str:
@@ -63,14 +68,30 @@ def mentioned_paths(text: str) -> set[str]:
             if "." not in path.rsplit("/", 1)[-1] and "/" not in path[len("safefreeze/") :]:
                 continue  # 'safefreeze/x' as prose, e.g. a module path without extension at top level
             path = "src/" + path
-        if path.startswith(NOT_LOOKED_UP) or PLACEHOLDER.search(path):
+        templated = PLACEHOLDER.search(path) or TEMPLATE_TAIL.match(text, match.end())  # frontier-<tag>.png
+        if path in NOT_LOOKED_UP or path.startswith(tuple(p + "/" for p in NOT_LOOKED_UP)) or templated:
             continue
         paths.add(path)
     return paths
 
 
+@functools.cache
+def _clone_files() -> tuple[str, ...] | None:
+    """The files a clean clone of this checkout holds (tracked, or new and not ignored); None outside git."""
+    listed = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True
+    )
+    return tuple(listed.stdout.splitlines()) if listed.returncode == 0 else None
+
+
 def _exists(path: str) -> bool:
-    return all(glob.glob(str(ROOT / variant)) for variant in _expand_braces(path))
+    files = _clone_files()
+    if files is None:
+        return all(glob.glob(str(ROOT / variant)) for variant in _expand_braces(path))
+    return all(
+        any(fnmatch.fnmatchcase(f, variant) or fnmatch.fnmatchcase(f, variant + "/*") for f in files)
+        for variant in _expand_braces(path)
+    )
 
 
 @pytest.mark.parametrize("doc", ALL_DOCS, ids=_rel)
@@ -240,6 +261,7 @@ def test_the_checks_catch_a_bad_path_flag_and_number():
         "tests/core/test_cka.py",
     }
     assert not _exists("src/safefreeze/nowhere.py") and _exists("bench/frontier/minilm-{trec,movies}-n300-b16.csv")
+    assert _exists("src/safefreeze/core") and _exists("bench/figures/frontier-*.png")
     assert mentioned_paths("`safefreeze/merge.py`") == {"src/safefreeze/merge.py"}  # a path that moved
     assert shown_commands("```bash\nsafefreeze train --no-such-flag 1   # comment\n```\n") == ["train --no-such-flag 1"]
     assert "unrecognized arguments" in parse_error("train --no-such-flag 1")
@@ -247,7 +269,10 @@ def test_the_checks_catch_a_bad_path_flag_and_number():
     assert inline_commands("run `safefreeze train --taus 1` or `safefreeze SUBCOMMAND --help`") == ["train --taus 1"]
     assert "no ['--taus']" in flag_error("train --taus 1") and flag_error("plot") is None
     assert parse_error("train --tau 0.1 --help") is None
-    row = ["TREC", "SAFE (`safe (defaults)`)", "84.96", "−3.04", "0.953", "`bench/frontier/minilm-trec-n300-b16.csv`"]
+    assert mentioned_paths("runs write to `bench/results/` and bench/results/frontier/x.json") == set()
+    assert mentioned_paths("figures `bench/figures/frontier-<tag>.png`") == set()  # a pattern, not a path
+    assert not _exists("bench/results")  # git-ignored: a clean clone does not have it, even where this one does
+    row = ["TREC", "SAFE (`safe (paper)`)", "84.75", "−2.92", "0.738", "`bench/frontier/minilm-trec-n300-b16-mean.csv`"]
     assert check_results_row(row) == []
     assert check_results_row([*row[:3], "−3.05", *row[4:]])  # a number not in the file
     assert check_results_row([row[0], "SAFE (`k9@t0`)", *row[2:]])  # a row the file does not have

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -63,17 +65,18 @@ def test_config_is_resolved_once_with_every_auto_decided(lora_minilm):
     assert config.resolve(model, 100) == config  # resolving again changes nothing
 
 
-def test_the_default_freezes_the_bottom_third_before_the_first_step_and_scores_nothing(lora_minilm):
-    """SafeConfig() on MiniLM's 6 blocks: blocks 0-1 frozen at step 0 (their LoRA B stays exactly zero, so the
-    forward is LoRA's), the session draws no probe and no step is due."""
+def test_the_default_freezes_the_bottom_share_before_the_first_step_and_scores_nothing(lora_minilm):
+    """SafeConfig() on MiniLM's 6 blocks: the bottom sixth, block 0, frozen at step 0 (its LoRA B stays exactly
+    zero, so the forward is LoRA's), the session draws no probe and no step is due; a share of 1/3 is blocks 0-1."""
     model = lora_minilm()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     session = SafeSession(model, SafeConfig(), optimizer, total_steps=100)
-    assert (session.config.policy, session.config.bottom_share, session.config.tau) == ("bottom", 1 / 3, None)
-    assert session.freezer.frozen == {"block.0": 0, "block.1": 0} and session.frozen_prefix() == 2
+    assert (session.config.policy, session.config.bottom_share, session.config.tau) == ("bottom", 1 / 6, None)
+    assert session.freezer.frozen == {"block.0": 0} and session.frozen_prefix() == 1
     assert [event.step for event in session.freezer.events] == [0]
     assert not any(session.freezer.is_due(step) for step in range(1, 101))
-    frozen = [p for u in session.units[:2] for m in u.modules.values() for p in m.parameters()]
+    assert SafeSession(lora_minilm(), SafeConfig(bottom_share=1 / 3), total_steps=100).frozen_prefix() == 2
+    frozen = [p for u in session.units[:1] for m in u.modules.values() for p in m.parameters()]
     assert frozen and not any(p.requires_grad for p in frozen)
     assert session.end() is None  # it froze by design: nothing to explain
 
@@ -117,6 +120,48 @@ def test_a_budget_on_a_stream_is_refused(lora_minilm, trec_examples, minilm_toke
     )
     with pytest.raises(ConfigError, match="a streamed dataset cannot tell"):
         session.begin()
+
+
+def test_a_measured_step_over_the_memory_budget_is_said_once(lora_minilm, trec_examples, minilm_tokenizer):
+    """The plan sees the model's own loss; a trainer that adds temporaries around it (TRL's fused head) can go over
+    the budget, and a user who measures must hear it: once, with the overshoot and the fix."""
+    model = lora_minilm()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    collate = Collator(minilm_tokenizer, "classification")
+    session = SafeSession(
+        model,
+        SafeConfig(),
+        optimizer,
+        total_steps=3,
+        examples=trec_examples[:32],
+        collate=collate,
+        batch_size=8,
+        memory_budget="300MiB",
+        measure_memory=True,
+    )
+    session.begin()
+
+    def step(number: int, extra_mib: int) -> None:
+        session.before_forward(number)
+        loss = model(**collate(trec_examples[:8])).loss
+        extra = torch.empty(extra_mib * 2**20, dtype=torch.uint8)  # what a host's own loss head would hold
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        del extra
+        session.after_step(number)
+
+    with warnings.catch_warnings(record=True) as heard:
+        warnings.simplefilter("always")
+        step(1, 0)
+        assert session.step_peak.bytes <= 300 * 2**20 and not heard  # the plan's own step fits: nothing said
+        step(2, 400)
+        step(3, 400)
+    assert session.step_peak.bytes > 300 * 2**20 and session.step_peak.by_category["temporaries"] >= 400 * 2**20
+    assert len(heard) == 1  # said once, not on every step
+    message = str(heard[0].message)
+    assert "\n" not in message
+    assert "over the memory budget of 300.0MiB" in message and "lower memory_budget by" in message
 
 
 def test_state_dict_round_trips_through_json(lora_minilm, trec_batch):

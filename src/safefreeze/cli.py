@@ -27,6 +27,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # bundled and local models only: n
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from safefreeze.core.config import ConfigError, SafeConfig  # noqa: E402
+from safefreeze.core.policy import bottom_blocks  # noqa: E402
 from safefreeze.training import checkpoint, distributed, runlog  # noqa: E402
 from safefreeze.training.config import GROUPS, TrainConfig, flag  # noqa: E402
 from safefreeze.training.configfile import read_options, value_type  # noqa: E402
@@ -414,13 +415,16 @@ def command_plan(args: argparse.Namespace) -> None:
     model, batch = blank_model(config)
     optimizer, _ = make_optimizer(config, model, total_steps=1)
     blocks = len(find_blocks(model))
-    frozen = sorted({blocks // 4, blocks // 2, 3 * blocks // 4} - {0})
+    default = bottom_blocks(SafeConfig().for_model(model).bottom_share, blocks)  # what the default rule freezes
+    frozen = sorted({default, blocks // 4, blocks // 2, 3 * blocks // 4} - {0})
     budget = parse_size(config.memory_budget) if config.memory_budget else None
     result = forecast(model, optimizer, batch, budget, frozen)
     rows, tokens = batch["input_ids"].shape
     adapter = f"LoRA r {config.rank}" if config.adapter == "lora" else config.adapter
+    kind = "classification" if batch["labels"].dim() == 1 else "causal LM"  # one label per row, or per token
     print(
-        f"{config.model} + {adapter if METHODS[config.method].adapter else 'no adapter'}, {rows} x {tokens} tokens, "
+        f"{config.model} on {config.dataset} ({kind}) + "
+        f"{adapter if METHODS[config.method].adapter else 'no adapter'}, {rows} x {tokens} tokens, "
         f"fp32, AdamW: one training step at its peak (planned in {time.perf_counter() - started:.1f} s)\n"
     )
     print(render(result.rows))

@@ -31,6 +31,8 @@ A session that does not ``freeze`` (LoRA, full fine-tuning) still owns the check
 
 from __future__ import annotations
 
+import sys
+import warnings
 from collections.abc import Callable, Sized
 from contextlib import AbstractContextManager, nullcontext
 from typing import TypeVar
@@ -38,7 +40,6 @@ from typing import TypeVar
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed import fsdp
 
 from safefreeze.core.config import ConfigError, SafeConfig
 from safefreeze.core.decisions import DecisionStrategy, strategy_for
@@ -46,7 +47,7 @@ from safefreeze.core.freezer import FreezeEvent, NoSaving, SafeFreezer, in_this_
 from safefreeze.core.probe import draw_probe, probe_order
 from safefreeze.core.state import freezer_state, load_freezer_state
 from safefreeze.core.units import AdapterUnit, find_units, is_adapter_module
-from safefreeze.memory.budget import longest_batch
+from safefreeze.memory.budget import MIB, longest_batch
 from safefreeze.memory.plan import ActivationPlan, active
 from safefreeze.memory.predict import StepMemory
 from safefreeze.memory.recompute import take_over_checkpointing
@@ -79,7 +80,13 @@ def on_rank_zero(fn: Callable[[], T]) -> T:
 def is_sharded(model: nn.Module) -> bool:
     """Whether FSDP shards ``model``: then a probe forward all-gathers the weights, a collective every rank must
     join, so every rank scores the probe (rank 0 scoring alone would wait forever); the ranks score the same probe
-    on the same weights and decide alike. A watched training forward needs no collective of its own."""
+    on the same weights and decide alike. A watched training forward needs no collective of its own.
+
+    FSDP is looked up only where it was imported (wrapping a model imports it): importing it costs a second that
+    every other run, and ``safefreeze plan``, would pay for nothing."""
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    if fsdp is None:
+        return False
     kinds = tuple(getattr(fsdp, name) for name in ("FSDPModule", "FullyShardedDataParallel") if hasattr(fsdp, name))
     return any(isinstance(module, kinds) for module in model.modules())
 
@@ -134,6 +141,7 @@ class SafeSession:
         self.measure_memory = measure_memory
         self.step_peak: StepPeak | None = None  # the last measured step's (measure_memory)
         self._tracker: StepTracker | None = None
+        self._warned_over_budget = False
         self.taken_over = take_over_checkpointing(model)  # transformers' checkpointing, now SAFE's (or None)
         # A run that freezes nothing keeps the user's config (its warm-up means nothing) and lists its units, if any.
         self.config = config.resolve(model, total_steps) if freeze else config
@@ -222,6 +230,22 @@ class SafeSession:
         if self._tracker is not None:
             self.step_peak = self._tracker.stop()
             self._tracker = None
+            self._warn_over_budget(self.step_peak)
+
+    def _warn_over_budget(self, peak: StepPeak) -> None:
+        """Say once when a measured step went over ``memory_budget``: the plan is made with the model's own loss,
+        and a host that computes its loss differently (TRL's fused head) adds temporaries it cannot see."""
+        budget = self.plan.memory_budget
+        if budget is None or peak.bytes <= budget or self._warned_over_budget:
+            return
+        self._warned_over_budget = True
+        warnings.warn(
+            f"a training step peaked at {peak.bytes / MIB:.1f}MiB, over the memory budget of {budget / MIB:.1f}MiB "
+            f"(the plan sees the model's own loss, not temporaries a trainer adds around it): lower memory_budget "
+            f"by {(peak.bytes - budget) / MIB:.1f}MiB or more to fit, or bound the saved activations alone with "
+            f"activation_budget",
+            stacklevel=2,
+        )
 
     def end(self) -> NoSaving | None:
         """Take merged units out of the base weights (a plain PEFT model again) and say why the run's freezing

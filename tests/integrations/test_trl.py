@@ -41,7 +41,7 @@ PAPER = ["--tau", "1.0", "--policy", "threshold"]  # the paper's rule at τ 1: a
     ids=["fp32-defaults", "bf16-checkpointing-accumulation-defaults", "qlora-paper"],
 )
 def test_sft_trainer_keeps_every_log_record_and_trains_the_adapters(tiny_gguf, tmp_path, switches, rule):
-    """The defaults (``SafeCallback(SafeConfig())``) freeze the bottom third of the blocks, rounded up: block 0 of
+    """The defaults (``SafeCallback(SafeConfig())``) freeze the bottom share of the blocks, rounded up: block 0 of
     two, before the first step; the paper's rule is scored and freezes during training (QLoRA: the scoring steps
     must leave the 4-bit model its gradients)."""
     example = _example()

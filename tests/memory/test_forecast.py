@@ -75,7 +75,7 @@ def test_the_plan_command_prints_the_table_and_refuses_a_budget_no_plan_meets(ca
     argv = ["plan", "--model", "minilm", "--batch-size", "8", "--max-length", "32", "--target-modules", "query,value"]
     assert cli.main(argv) == 0
     out = capsys.readouterr().out
-    assert "minilm + LoRA r 8, 8 x 32 tokens, fp32, AdamW" in out
+    assert "minilm on trec (classification) + LoRA r 8, 8 x 32 tokens, fp32, AdamW" in out
     for label in (
         "| LoRA | none |",
         "| every block checkpointed | 0-5 |",

@@ -45,7 +45,7 @@ AUTO = "auto"  # a value derived from the run (its warm-up length, its model), s
 MODEL_KINDS = (AUTO, "decoder", "encoder")  # model_kind: which defaults a model gets (for_model)
 DEFAULT_TAU = {"threshold": 0.1, "resource": 0.1, "prefix": 0.3}  # tau "auto", per policy (module docstring)
 DECODER_TRAINABLE_SHARE = 0.5  # min_trainable "auto" on a decoder: this share of the units never freezes (docstring)
-DEFAULT_BOTTOM_SHARE = {"encoder": 1 / 3, "decoder": 1 / 3}  # bottom_share "auto", per model kind (docstring)
+DEFAULT_BOTTOM_SHARE = {"encoder": 1 / 6, "decoder": 1 / 6}  # bottom_share "auto", per model kind (docstring)
 # Settings only the scored policies read: with policy "auto", setting one of them selects the scored rule.
 SCORED_SETTINGS = (
     "tau",

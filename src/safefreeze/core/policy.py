@@ -60,10 +60,16 @@ def lowest_blocks(units: list[AdapterUnit], blocks: int) -> list[str]:
     return [u.name for u in units if u.block in lowest]
 
 
+def bottom_blocks(share: float, blocks: int) -> int:
+    """How many of ``blocks`` blocks the ``bottom`` policy freezes: ``⌈share · blocks⌉`` (1/3 of 6 is 2, not 3
+    by round-off)."""
+    return math.ceil(share * blocks - 1e-9)
+
+
 def bottom_plan(units: list[AdapterUnit], share: float, min_trainable: int) -> list[str]:
-    """The ``bottom`` policy's units: those of the lowest ``⌈share · L⌉`` blocks, one block fewer at a time
+    """The ``bottom`` policy's units: those of the lowest ``bottom_blocks`` blocks, one block fewer at a time
     while freezing them would leave fewer than ``min_trainable`` units trainable."""
-    blocks = math.ceil(share * len({u.block for u in units}) - 1e-9)  # 1/3 of 6 blocks is 2, not 3 by round-off
+    blocks = bottom_blocks(share, len({u.block for u in units}))
     while blocks > 0 and len(units) - len(lowest_blocks(units, blocks)) < min_trainable:
         blocks -= 1
     return lowest_blocks(units, blocks)
