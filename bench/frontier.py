@@ -69,7 +69,7 @@ def measure(name: str, k, t, report: dict, lora: dict, tag: str, seed: int) -> d
 def grid_rows(args, base: dict, tag: str, seed: int, lora: dict) -> list[dict]:
     """Every (k, t) cell of the grid, trained now or read back; LoRA itself is the cell k = 0 (nothing saved)."""
     rows = [measure("k0", 0, 0, lora, lora, tag, seed)]
-    cells = args.cells or [(k, share) for k in args.blocks for share in args.at]
+    cells = args.cells if args.cells is not None else [(k, share) for k in args.blocks for share in args.at]
     for k, share in cells:
         t = round(share * args.steps)
         config = TrainConfig(**base, method="adapterdrop", drop_blocks=k, drop_at=t, seed=seed)
@@ -238,7 +238,11 @@ def main() -> None:
     parser.add_argument("--blocks", type=int, nargs="+", default=[1, 2, 3, 4, 5], help="k: bottom blocks frozen")
     parser.add_argument("--at", type=float, nargs="+", default=[0.0, 0.1, 0.3, 0.6], help="t as a share of steps")
     parser.add_argument(
-        "--cells", type=_cell, nargs="*", default=None, help="only these cells, as k@share (e.g. 5@0 10@0.3)"
+        "--cells",
+        type=_cell,
+        nargs="*",
+        default=None,
+        help="only these cells, as k@share (e.g. 5@0 10@0.3); none given: no grid, LoRA and the rules only",
     )
     parser.add_argument("--rules", nargs="*", default=[], help='more SAFE rules as SafeConfig "key=value,..."')
     parser.add_argument(

@@ -37,7 +37,7 @@ from safefreeze.core.schedule import MEASUREMENTS, SCHEDULES, score_every_for, s
 from safefreeze.core.units import find_units, is_decoder_only
 
 GRANULARITIES = ("block", "module")
-IMPORTANCES = ("cka", "gradnorm", "random")
+IMPORTANCES = ("cka", "gradnorm", "weightchange", "cka-weightchange", "random")
 SCORE_ON = ("train", "probe")
 SCORED_POLICIES = ("threshold", "resource", "prefix")  # decided on importance scores (core/decisions.py)
 POLICIES = ("bottom", *SCORED_POLICIES)  # safefreeze.core.policy implements them
@@ -129,7 +129,9 @@ class SafeConfig:
         metadata={
             "help": "unit importance: 'cka' (1 - CKA of feature maps: impact, the paper's), 'gradnorm' (how fast "
             "the unit's gradient norm still changes between measurements: convergence, after AutoFreeze; needs "
-            "score_on 'train') or 'random' (ablation)"
+            "score_on 'train'), 'weightchange' (how far the unit's adapter weights moved since the last "
+            "measurement, relative to their size: convergence), 'cka-weightchange' (the two multiplied: impact "
+            "and convergence) or 'random' (ablation)"
         },
     )
     smoothing: float | str = field(

@@ -17,7 +17,9 @@ anything itself: freezing is the freezer's, one code path for every strategy.
   whose top importance is round-off (``MEASURABLE``: the adapters still compute the
   identity, as LoRA does before its first update) decides nothing. With
   ``importance="gradnorm"`` the importance is a convergence signal instead: how fast each
-  unit's gradient norm still changes between measurements (gradients.py, after AutoFreeze).
+  unit's gradient norm still changes between measurements (gradients.py, after AutoFreeze); with
+  ``"weightchange"`` how far its adapter weights moved, and with ``"cka-weightchange"`` impact times
+  that move (weight_change.py).
 
   X and Y come from the *training forward* of the due step when the loop lets the strategy
   watch it (``watch`` before that forward): the features are there already, so a
@@ -50,6 +52,7 @@ from safefreeze.core.policy import bottom_plan, choose_units
 from safefreeze.core.quantization import scoring_mode
 from safefreeze.core.schedule import threshold
 from safefreeze.core.units import AdapterUnit, FeatureCapture
+from safefreeze.core.weight_change import WeightChange
 
 # A top importance at or below this is float64 round-off of CKA on identical features (LoRA's B starts at zero, so
 # its first forward changes no output): normalising by it would rank noise, so such a measurement decides nothing.
@@ -114,6 +117,7 @@ class ScoredStrategy:
         self._watched = False  # whether the capture was armed for this step's training forward
         self._gradients = GradientCapture(units)  # importance "gradnorm": the watched step's gradient norms
         self._norms: dict[str, float] = {}  # each unit's gradient norm at its previous measurement
+        self._moved = WeightChange()  # importance "weightchange", "cka-weightchange": the weights' move
 
     @property
     def score_every(self) -> int:
@@ -134,7 +138,7 @@ class ScoredStrategy:
     def watch(self, frozen: Mapping[str, int]) -> None:
         """Score the units still trainable on the model's next forward: the training forward of a due step."""
         trainable = [u for u in self.units if u.name not in frozen]
-        if self.config.importance == "cka" and self.config.score_on == "train":
+        if self.config.importance in ("cka", "cka-weightchange") and self.config.score_on == "train":
             self._capture.units = trainable
             self._capture.start(model=self.model)
             self._watched = True
@@ -164,6 +168,12 @@ class ScoredStrategy:
             raw = {u.name: float(torch.rand((), generator=self._generator)) for u in self.units}
         elif self.config.importance == "gradnorm":
             raw = {**self._raw, **self._gradient_importance()}
+        elif self.config.importance == "weightchange":
+            raw = {**self._raw, **self._moved.rates([u for u in self.units if u.name not in frozen])}
+        elif self.config.importance == "cka-weightchange":
+            impact = self._cka_importance(frozen)
+            moved = self._moved.rates([u for u in self.units if u.name not in frozen])
+            raw = {**self._raw, **{name: impact[name] * moved[name] for name in impact.keys() & moved.keys()}}
         else:
             raw = {**self._raw, **self._cka_importance(frozen)}
         if not raw:
