@@ -15,7 +15,7 @@ found no instruction set shipped inside a PyPI package to use instead).
     python examples/sft_trl.py --load-in-4bit                     # QLoRA (needs bitsandbytes)
     python examples/sft_trl.py --model path/to/model.gguf         # any model export_model takes
 
-With SAFE's defaults the adapters of the bottom sixth of SmolLM2's 30 blocks (5) freeze before
+With SAFE's defaults the adapters of the bottom fifteenth of SmolLM2's 30 blocks (2) freeze before
 the first step, and with gradient checkpointing on (TRL's default) the callback takes it over so
 that those blocks are neither stored nor recomputed. On this instruction data that costs eval
 loss (BENCHMARKS.md, "The freezing frontier"): ``--no-safe`` gives the run to compare with.

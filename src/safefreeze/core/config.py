@@ -7,7 +7,9 @@ Two kinds of rule decide which adapters freeze (core/policy.py):
   freezing frontier"): over every cell "freeze the bottom k blocks at step t", the cells with
   t = 0 save the most for the score they cost, and no importance signal told which k a task
   tolerates. ``bottom_share`` ``"auto"`` is the largest share that cost little on the measured
-  tasks, per model kind (``DEFAULT_BOTTOM_SHARE``).
+  tasks, per model kind (``DEFAULT_BOTTOM_SHARE``): a sixth of an encoder's blocks (MiniLM: within
+  0.3 point of LoRA), a fifteenth of a decoder's (SmolLM2: 2 of 30 blocks, +0.1–0.55 % perplexity;
+  5 of 30 cost +0.8–1.8 %).
 - the scored rules (``SCORED_POLICIES``): SAFE as the paper states it (``threshold`` on
   1 − CKA, a threshold rising to τ on a cubic schedule over a warm-up), and ``resource`` and
   ``prefix``, which prefer units whose freezing shortens backward. ``SafeConfig.paper()`` is
@@ -30,6 +32,7 @@ from __future__ import annotations
 import difflib
 import math
 from dataclasses import asdict, dataclass, field, fields, replace
+from fractions import Fraction
 
 from torch import nn
 
@@ -45,7 +48,7 @@ AUTO = "auto"  # a value derived from the run (its warm-up length, its model), s
 MODEL_KINDS = (AUTO, "decoder", "encoder")  # model_kind: which defaults a model gets (for_model)
 DEFAULT_TAU = {"threshold": 0.1, "resource": 0.1, "prefix": 0.3}  # tau "auto", per policy (module docstring)
 DECODER_TRAINABLE_SHARE = 0.5  # min_trainable "auto" on a decoder: this share of the units never freezes (docstring)
-DEFAULT_BOTTOM_SHARE = {"encoder": 1 / 6, "decoder": 1 / 6}  # bottom_share "auto", per model kind (docstring)
+DEFAULT_BOTTOM_SHARE = {"encoder": 1 / 6, "decoder": 1 / 15}  # bottom_share "auto", per model kind (docstring)
 # Settings only the scored policies read: with policy "auto", setting one of them selects the scored rule.
 SCORED_SETTINGS = (
     "tau",
@@ -170,8 +173,8 @@ class SafeConfig:
         default=AUTO,
         metadata={
             "help": "policy bottom: the share of the blocks, counted from the input and rounded up, whose adapters "
-            f"freeze before the first step; '{AUTO}': {DEFAULT_BOTTOM_SHARE['encoder']:.2f} on an encoder, "
-            f"{DEFAULT_BOTTOM_SHARE['decoder']:.2f} on a decoder-only LM"
+            f"freeze before the first step; '{AUTO}': {Fraction(DEFAULT_BOTTOM_SHARE['encoder']).limit_denominator()} "
+            f"on an encoder, {Fraction(DEFAULT_BOTTOM_SHARE['decoder']).limit_denominator()} on a decoder-only LM"
         },
     )
     model_kind: str = field(
