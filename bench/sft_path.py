@@ -143,6 +143,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--check-steps", type=int, default=3, help="first steps of lora compared without callback, measured (0: skip)"
     )
     parser.add_argument("--results", default="bench/results/sft_path", help="per-arm results, reused on a rerun")
+    parser.add_argument(
+        "--tag", default=None, help="results name (default: from the settings, e.g. smollm2-steps40-...)"
+    )
     return parser.parse_args(argv)
 
 
@@ -288,7 +291,7 @@ def fmt(value, digits: int = 1) -> str:
 def main() -> None:
     args = parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    example, tag = _example(), tag_of(args)
+    example, tag = _example(), args.tag or tag_of(args)
     results = Path(args.results) / tag
     data = {
         "model": example.model_folder(args.model, Path(args.model_dir)),
