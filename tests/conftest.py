@@ -17,6 +17,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
+from safefreeze import SafeConfig, SafeSession  # noqa: E402
 from safefreeze.training.data import Collator, encode, load_task  # noqa: E402
 from safefreeze.training.models import add_lora, load_model, load_tokenizer, resolve_model  # noqa: E402
 
@@ -80,6 +81,28 @@ def lora_minilm(minilm_source, trec_task):
 
 
 @pytest.fixture
+def users_loop(trec_batch):
+    """``users_loop(model, config, steps=8)``: a user's own loop through ``SafeSession`` (before_forward,
+    forward/backward/AdamW step, after_step) on TREC batches of 8; returns the session and its freeze events."""
+
+    def run(model, config: SafeConfig, steps: int = 8) -> tuple[SafeSession, list]:
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+        session = SafeSession(model, config, optimizer, total_steps=steps)
+        session.begin()
+        events = []
+        for step in range(1, steps + 1):
+            session.before_forward(step)
+            model(**trec_batch(8, offset=8 * step)).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            event = session.after_step(step)
+            events += [event] if event else []
+        return session, events
+
+    return run
+
+
+@pytest.fixture
 def no_eval(monkeypatch):
     """Skip held-out scoring in ``train``: tests of the training loop do not need it and it costs the most."""
     monkeypatch.setattr("safefreeze.training.train.evaluate", lambda *args, **kwargs: {"accuracy": 0.0})
@@ -125,7 +148,6 @@ def quick_train(no_eval):
     these few steps freeze something, whatever the defaults); no held-out scoring (``no_eval``:
     these tests look at freezing and files, not at scores).
     """
-    from safefreeze.core.config import SafeConfig
     from safefreeze.training import train as train_module
 
     def run(method: str, safe: SafeConfig | None = None, **overrides):

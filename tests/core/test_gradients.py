@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 
 import pytest
-import torch
 
 from safefreeze import SafeConfig, SafeSession
 from safefreeze.core.config import ConfigError
@@ -38,20 +37,9 @@ def test_change_rates_are_relative_to_the_previous_norm():
     assert change_rates({"a": 1.0}, {"a": 0.0}) == {}  # no gradient before: no rate
 
 
-def test_gradnorm_decides_from_its_second_reading_in_a_users_loop(lora_minilm, trec_batch):
-    model = lora_minilm()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+def test_gradnorm_decides_from_its_second_reading_in_a_users_loop(lora_minilm, users_loop):
     config = SafeConfig(importance="gradnorm", tau=1.0, warmup_steps=6, score_every=2, smoothing=0.0, seed=0)
-    session = SafeSession(model, config, optimizer, total_steps=8)
-    session.begin()
-    events = []
-    for step in range(1, 9):
-        session.before_forward(step)
-        model(**trec_batch(8, offset=8 * step)).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        event = session.after_step(step)
-        events += [event] if event else []
+    session, events = users_loop(lora_minilm(), config)
     first, second = events[0], events[1]
     assert (first.step, first.scores, first.frozen_now) == (2, {}, ())  # no previous norm: no rate, no decision
     assert second.step == 4 and len(second.scores) == 6 and max(second.scores.values()) == 1.0

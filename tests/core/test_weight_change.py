@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from safefreeze import SafeConfig, SafeSession
+from safefreeze import SafeConfig
 from safefreeze.core.units import find_units
 from safefreeze.core.weight_change import WeightChange
 
@@ -26,26 +26,14 @@ def test_rates_are_each_units_move_relative_to_its_size(lora_minilm):
     assert signal.rates(units) == {u.name: 0.0 for u in units}  # compared with this measurement's weights now
 
 
-def _users_loop(model, trec_batch, importance: str, tau: float) -> tuple[SafeSession, list]:
-    """Eight steps of a user's own loop, measured at steps 2, 4 and 6; the freeze events."""
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-    config = SafeConfig(importance=importance, tau=tau, warmup_steps=6, score_every=2, smoothing=0.0, seed=0)
-    session = SafeSession(model, config, optimizer, total_steps=8)
-    session.begin()
-    events = []
-    for step in range(1, 9):
-        session.before_forward(step)
-        model(**trec_batch(8, offset=8 * step)).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        event = session.after_step(step)
-        events += [event] if event else []
-    return session, events
+def _config(importance: str, tau: float) -> SafeConfig:
+    """Measured at steps 2, 4 and 6 of an 8-step run, every reading deciding (no smoothing)."""
+    return SafeConfig(importance=importance, tau=tau, warmup_steps=6, score_every=2, smoothing=0.0, seed=0)
 
 
 @pytest.mark.parametrize("importance", ["weightchange", "cka-weightchange"])
-def test_the_weights_signal_decides_from_its_second_reading(lora_minilm, trec_batch, importance):
-    session, events = _users_loop(lora_minilm(), trec_batch, importance, tau=1.0)
+def test_the_weights_signal_decides_from_its_second_reading(lora_minilm, users_loop, importance):
+    session, events = users_loop(lora_minilm(), _config(importance, tau=1.0))
     first, second = events[0], events[1]
     assert (first.step, first.scores, first.frozen_now) == (2, {}, ())  # no previous weights: no move, no decision
     assert second.step == 4 and len(second.scores) == 6 and max(second.scores.values()) == 1.0
@@ -55,10 +43,10 @@ def test_the_weights_signal_decides_from_its_second_reading(lora_minilm, trec_ba
     assert all(not p.requires_grad for name in session.freezer.frozen for p in units[name].parameters())
 
 
-def test_impact_and_convergence_is_the_product_of_the_two_normalised(lora_minilm, trec_batch):
+def test_impact_and_convergence_is_the_product_of_the_two_normalised(lora_minilm, users_loop):
     """τ 0 freezes nothing, so the three runs train alike and their step-4 readings see the same weights."""
     scores = {
-        importance: _users_loop(lora_minilm(), trec_batch, importance, tau=0.0)[1][1].scores
+        importance: users_loop(lora_minilm(), _config(importance, tau=0.0))[1][1].scores
         for importance in ("cka", "weightchange", "cka-weightchange")
     }
     product = {name: scores["cka"][name] * scores["weightchange"][name] for name in scores["cka"]}

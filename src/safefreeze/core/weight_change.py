@@ -39,5 +39,5 @@ class WeightChange:
             size = float(now.norm())
             if before is not None and size > 0:
                 rates[unit.name] = float((now - before).norm()) / size
-            self._previous[unit.name] = now.clone()
+            self._previous[unit.name] = now  # torch.cat made a copy: later steps do not change it
         return rates
