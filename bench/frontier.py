@@ -11,10 +11,14 @@ paper's counts at the paper's steps, random units), and any ``--rules`` given as
 for each, its gap: how far below the frontier it lies at its own saving (the frontier read linearly
 between the two cells around that saving).
 
-Each run's report is kept under ``bench/results/frontier/<tag>/`` (git-ignored), so an
-interrupted grid resumes where it stopped; the rows the tables and figure are made from are
-written to ``bench/frontier/<tag>.csv`` (one per run) and ``<tag>-mean.csv`` (means over seeds, with the seeds'
-spread of the score), both committed, the figure to ``bench/figures/frontier-<tag>.png``.
+Each run's row is written to ``bench/frontier/<tag>.csv`` as soon as the run ends, with the absolute
+costs it was compared on and a fingerprint of its configuration; that file is committed, and a cell
+whose row is there with the same fingerprint is not trained again, so a grid of hours resumes from
+what is committed, on any machine (each run's report also stays under ``bench/results/frontier/<tag>/``,
+git-ignored). ``<tag>-mean.csv`` holds the means over seeds, with the seeds' spread of the score, and
+the figure goes to ``bench/figures/frontier-<tag>.png``. Time per step is a ratio to LoRA of the same seed
+too, but cells run at different moments (two at a time on a shared machine): read it as a rough guide,
+the memory and FLOP ratios as exact.
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/frontier.py --dataset trec --steps 300 --batch-size 16 --seeds 0
 """
@@ -23,6 +27,8 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
+import json
 import os
 import statistics
 from pathlib import Path
@@ -33,22 +39,84 @@ import torch  # noqa: E402
 from run_lengths import frozen_prefix, parse_setting, run, task_options  # noqa: E402
 
 from safefreeze.core.config import SafeConfig  # noqa: E402
-from safefreeze.training.train import TrainConfig  # noqa: E402
+from safefreeze.training.train import TrainConfig, run_identity  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "frontier"
 LOWER_IS_BETTER = {"perplexity", "loss"}
 BUILTIN = ("default", "paper", "freezeout", "random")
-FIELDS = ("tag", "seed", "name", "k", "t", "metric", "score", "delta", "memory", "flops", "frozen_units", "prefix")
-MEAN_FIELDS = ("name", "k", "t", "metric", "score", "delta", "memory", "flops", "spread", "seeds")
+COSTS = ("activation_bytes_mean", "flops_per_step_mean", "seconds_per_step_mean")  # a run's, compared with LoRA's
+FIELDS = (
+    "tag", "seed", "name", "k", "t", "metric", "score", "delta", "memory", "flops", "time", "frozen_units", "prefix",
+    *COSTS, "identity",
+)  # fmt: skip
+MEAN_FIELDS = ("name", "k", "t", "metric", "score", "delta", "memory", "flops", "time", "spread", "seeds")
 
 
-def measure(name: str, k, t, report: dict, lora: dict, tag: str, seed: int) -> dict:
-    """One CSV row: a run's score and savings against LoRA of the same seed."""
-    metric = next(iter(lora["eval"]))
+class Grid:
+    """The rows of one tag: those committed in ``bench/frontier/<tag>.csv`` and those trained now.
 
-    def ratio(key: str) -> float:
-        return report["summary"][key] / lora["summary"][key]
+    ``row(name, ...)`` gives a run's row: the committed one when its configuration's fingerprint
+    matches, else it trains the run (or reads its kept report) and writes the file at once, so
+    an interrupted grid loses at most the run in progress.
+    """
+
+    def __init__(self, tag: str) -> None:
+        self.tag = tag
+        self.path = HERE / "frontier" / f"{tag}.csv"
+        self.rows: dict[tuple[int, str], dict] = {}
+        if self.path.exists():
+            with open(self.path, newline="") as file:
+                for row in csv.DictReader(file):
+                    self.rows[(int(row["seed"]), row["name"])] = row
+
+    def row(self, name: str, k, t, config: TrainConfig, safe: SafeConfig, lora: dict | None) -> dict:
+        """``name``'s row for ``config``'s seed, against ``lora`` (LoRA's row of that seed; None: this is LoRA)."""
+        identity = fingerprint(config, safe)
+        kept = self.rows.get((config.seed, name))
+        if kept is not None and kept.get("identity") == identity:
+            return kept
+        label = name.replace(" ", "").replace("(", "-").replace(")", "").replace("@", "-")
+        report = run(RESULTS / self.tag / f"{label}-s{config.seed}", config, safe)
+        row = measure(name, k, t, report, lora, self.tag, config.seed)
+        row["identity"] = identity
+        self.rows[(config.seed, name)] = row
+        self.write()
+        print(_line(row), flush=True)
+        return row
+
+    def write(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "w", newline="") as file:
+            writer = csv.DictWriter(file, FIELDS, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(sorted(self.rows.values(), key=lambda row: int(row["seed"])))
+
+    def of_seeds(self, seeds: list[int]) -> list[dict]:
+        """The rows of these seeds, numbers as numbers (a committed row is read back as text)."""
+        return [_typed(row) for (seed, _), row in self.rows.items() if seed in seeds]
+
+
+def fingerprint(config: TrainConfig, safe: SafeConfig) -> str:
+    """A short hash of what makes two runs the same run (``run_identity``): a changed default changes it."""
+    text = json.dumps(run_identity(config, safe), sort_keys=True, default=str)
+    return hashlib.sha1(text.encode()).hexdigest()[:12]
+
+
+def _typed(row: dict) -> dict:
+    numbers = {key: float(row[key]) for key in ("score", "delta", "memory", "flops", *COSTS) if row.get(key)}
+    time = row.get("time")
+    return {**row, **numbers, "seed": int(row["seed"]), "time": float(time) if time else None}
+
+
+def measure(name: str, k, t, report: dict, lora: dict | None, tag: str, seed: int) -> dict:
+    """One CSV row: a run's score and savings against LoRA's row of the same seed (None: the run is LoRA)."""
+    metric = next(iter(report["eval"]))
+    costs = {key: report["summary"][key] for key in COSTS}
+    reference = _typed(lora) if lora is not None else {"score": report["eval"][metric], **costs}
+
+    def ratio(key: str) -> float | None:
+        return costs[key] / reference[key] if costs[key] and reference.get(key) else None
 
     return {
         "tag": tag,
@@ -58,57 +126,44 @@ def measure(name: str, k, t, report: dict, lora: dict, tag: str, seed: int) -> d
         "t": t,
         "metric": metric,
         "score": report["eval"][metric],
-        "delta": report["eval"][metric] - lora["eval"][metric],
+        "delta": report["eval"][metric] - reference["score"],
         "memory": ratio("activation_bytes_mean"),
         "flops": ratio("flops_per_step_mean"),
+        "time": ratio("seconds_per_step_mean"),
         "frozen_units": report["summary"]["frozen_units"],
         "prefix": frozen_prefix(report),
+        **costs,
     }
 
 
-def grid_rows(args, base: dict, tag: str, seed: int, lora: dict) -> list[dict]:
+def grid_rows(args, base: dict, grid: Grid, seed: int, lora: dict) -> None:
     """Every (k, t) cell of the grid, trained now or read back; LoRA itself is the cell k = 0 (nothing saved)."""
-    rows = [measure("k0", 0, 0, lora, lora, tag, seed)]
     cells = args.cells if args.cells is not None else [(k, share) for k in args.blocks for share in args.at]
     for k, share in cells:
         t = round(share * args.steps)
         config = TrainConfig(**base, method="adapterdrop", drop_blocks=k, drop_at=t, seed=seed)
-        safe = SafeConfig(seed=seed, min_trainable=1)
-        report = run(RESULTS / tag / f"k{k}-t{t}-s{seed}", config, safe)
-        rows.append(measure(f"k{k}@t{t}", k, t, report, lora, tag, seed))
-        print(_line(rows[-1]), flush=True)
-    return rows
+        grid.row(f"k{k}@t{t}", k, t, config, SafeConfig(seed=seed, min_trainable=1), lora)
 
 
-def rule_rows(args, base: dict, tag: str, seed: int, lora: dict) -> list[dict]:
+def rule_rows(args, base: dict, grid: Grid, seed: int, lora: dict) -> None:
     """SAFE's default rule, the paper's, the ``--rules`` settings, FreezeOut and random, trained now or read back.
 
     ``random`` is the paper's importance ablation: as many units, frozen at the same steps as the paper's rule froze
     them in its run of this seed, drawn at random (``--method random --reference`` that run)."""
-    rows = []
     builtin = {"default": SafeConfig(seed=seed), "paper": SafeConfig.paper(seed=seed)}
     settings = {
-        **{f"safe ({label})": (label, builtin[label]) for label in args.builtin if label in builtin},
-        **{f"safe ({text})": (text, SafeConfig(**{"seed": seed, **parse_setting(text)})) for text in args.rules},
+        **{f"safe ({label})": builtin[label] for label in args.builtin if label in builtin},
+        **{f"safe ({text})": SafeConfig(**{"seed": seed, **parse_setting(text)}) for text in args.rules},
     }
-    for name, (label, safe) in settings.items():
-        config = TrainConfig(**base, method="safe", seed=seed)
-        report = run(RESULTS / tag / f"safe-{label}-s{seed}", config, safe)
-        rows.append(measure(name, "", "", report, lora, tag, seed))
-        print(_line(rows[-1]), flush=True)
+    for name, safe in settings.items():
+        grid.row(name, "", "", TrainConfig(**base, method="safe", seed=seed), safe, lora)
     if "freezeout" in args.builtin:
-        config = TrainConfig(**base, method="freezeout", seed=seed)
-        report = run(RESULTS / tag / f"freezeout-s{seed}", config, SafeConfig(seed=seed))
-        rows.append(measure("freezeout", "", "", report, lora, tag, seed))
-        print(_line(rows[-1]), flush=True)
+        grid.row("freezeout", "", "", TrainConfig(**base, method="freezeout", seed=seed), SafeConfig(seed=seed), lora)
     if "random" in args.builtin:
-        paper = RESULTS / tag / f"safe-paper-s{seed}"
+        paper = RESULTS / grid.tag / f"safe-paper-s{seed}"
         run(paper, TrainConfig(**base, method="safe", seed=seed), builtin["paper"])
         config = TrainConfig(**base, method="random", reference=str(paper), seed=seed)
-        report = run(RESULTS / tag / f"random-s{seed}", config, SafeConfig(seed=seed))
-        rows.append(measure("random", "", "", report, lora, tag, seed))
-        print(_line(rows[-1]), flush=True)
-    return rows
+        grid.row("random", "", "", config, SafeConfig(seed=seed), lora)
 
 
 def _cell(text: str) -> tuple[int, float]:
@@ -120,8 +175,12 @@ def _cell(text: str) -> tuple[int, float]:
 def _line(row: dict) -> str:
     return (
         f"{row['name']:>24} s{row['seed']}: {row['metric']} {row['score']:.4f} ({row['delta']:+.4f}), "
-        f"memory {row['memory']:.3f}x, FLOPs {row['flops']:.3f}x, prefix {row['prefix']}"
+        f"memory {row['memory']:.3f}x, FLOPs {row['flops']:.3f}x, time {_ratio(row['time'])}, prefix {row['prefix']}"
     )
+
+
+def _ratio(value: float | None) -> str:
+    return "—" if value is None else f"{value:.3f}x"
 
 
 def averaged(rows: list[dict]) -> list[dict]:
@@ -134,6 +193,7 @@ def averaged(rows: list[dict]) -> list[dict]:
             {
                 **{key: mine[0][key] for key in ("name", "k", "t", "metric")},
                 **{key: statistics.mean(row[key] for row in mine) for key in ("score", "delta", "memory", "flops")},
+                "time": statistics.mean(times) if (times := [row["time"] for row in mine if row["time"]]) else None,
                 "spread": statistics.pstdev(row["score"] for row in mine),
                 "seeds": len(mine),
             }
@@ -177,10 +237,17 @@ def tables(tag: str, points: list[dict]) -> str:
     cells = [p for p in points if p["k"] != ""]
     line = frontier(cells)
     out = [f"Frontier of {tag} (mean over seeds; Δ vs LoRA of the same seed):", ""]
-    out += ["| cell (k@t) | Δ score | act. memory / LoRA | FLOPs / LoRA |", "|---|---|---|---|"]
-    out += [f"| {p['name']} | {p['delta']:+.4f} | {p['memory']:.3f} | {p['flops']:.3f} |" for p in line]
-    out += ["", "| rule | Δ score (± seeds) | act. memory / LoRA | FLOPs / LoRA | frontier at that saving | gap |"]
-    out += ["|---|---|---|---|---|---|"]
+    out += ["| cell (k@t) | Δ score | act. memory / LoRA | FLOPs / LoRA | time / LoRA |", "|---|---|---|---|---|"]
+    out += [
+        f"| {p['name']} | {p['delta']:+.4f} | {p['memory']:.3f} | {p['flops']:.3f} | {_ratio(p['time'])} |"
+        for p in line
+    ]
+    out += [
+        "",
+        "| rule | Δ score (± seeds) | act. memory / LoRA | FLOPs / LoRA | time / LoRA | frontier at that saving "
+        "| gap |",
+    ]
+    out += ["|---|---|---|---|---|---|---|"]
     for p in points:
         if p["k"] != "":
             continue
@@ -191,7 +258,7 @@ def tables(tag: str, points: list[dict]) -> str:
         )
         out.append(
             f"| {p['name']} | {p['delta']:+.4f} (± {p['spread']:.4f}) | {p['memory']:.3f} | {p['flops']:.3f} | "
-            f"{reference} | {gap} |"
+            f"{_ratio(p['time'])} | {reference} | {gap} |"
         )
     return "\n".join(out)
 
@@ -258,19 +325,12 @@ def main() -> None:
     torch.set_num_threads(1)
     tag = args.tag or f"{Path(args.model).stem}-{Path(args.dataset).stem}-n{args.steps}-b{args.batch_size}"
     base = {**task_options(args), "max_steps": args.steps}
-    rows = []
+    grid = Grid(tag)
     for seed in args.seeds:
-        lora = run(
-            RESULTS / tag / f"lora-s{seed}", TrainConfig(**base, method="lora", seed=seed), SafeConfig(seed=seed)
-        )
-        rows += grid_rows(args, base, tag, seed, lora) + rule_rows(args, base, tag, seed, lora)
-    path = HERE / "frontier" / f"{tag}.csv"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as file:
-        writer = csv.DictWriter(file, FIELDS)
-        writer.writeheader()
-        writer.writerows(rows)
-    points = averaged(rows)
+        lora = grid.row("k0", 0, 0, TrainConfig(**base, method="lora", seed=seed), SafeConfig(seed=seed), None)
+        grid_rows(args, base, grid, seed, lora)
+        rule_rows(args, base, grid, seed, lora)
+    points = averaged(grid.of_seeds(args.seeds))
     with open(HERE / "frontier" / f"{tag}-mean.csv", "w", newline="") as file:
         writer = csv.DictWriter(file, MEAN_FIELDS, extrasaction="ignore")
         writer.writeheader()
@@ -278,7 +338,7 @@ def main() -> None:
     figure(tag, points, HERE / "figures" / f"frontier-{tag}.png")
     print(tables(tag, points))
     print(
-        f"wrote {path.relative_to(HERE.parent)}, its means over seeds in bench/frontier/{tag}-mean.csv and "
+        f"wrote {grid.path.relative_to(HERE.parent)}, its means over seeds in bench/frontier/{tag}-mean.csv and "
         f"bench/figures/frontier-{tag}.png"
     )
 

@@ -121,6 +121,12 @@ def _fmt(value, scale: float = 1.0, digits: int = 2) -> str:
     return "n/a" if value is None else f"{value / scale:,.{digits}f}"
 
 
+def _resident(summary: dict) -> str:
+    """The peak resident size, or why there is none (reports from before the reason was kept say n/a)."""
+    why = summary.get("resident_peak_unavailable")
+    return f"n/a: {why}" if why else _fmt(summary["resident_peak_bytes"], MIB)
+
+
 def render_run(report: dict) -> str:
     """A run's report.md: what ran, how well it did, what it cost, what got frozen."""
     s = report["summary"]
@@ -136,7 +142,7 @@ def render_run(report: dict) -> str:
         *([f"| activation budget MiB | {_fmt(budget, MIB)} |"] if (budget := s.get("activation_budget_bytes")) else []),
         *([f"| peak step MiB (measured) | {_fmt(peak, MIB)} |"] if (peak := s.get("step_peak_bytes")) else []),
         f"| checkpointing | {s['checkpointing']} |",
-        f"| peak resident MiB | {_fmt(s['resident_peak_bytes'], MIB)} |",
+        f"| peak resident MiB | {_resident(s)} |",
         *([f"| peak CUDA MiB | {_fmt(s['cuda_peak_bytes'], MIB)} |"] if s["cuda_peak_bytes"] is not None else []),
         f"| GFLOPs per step | {_fmt(s['flops_per_step_mean'], 1e9)} |",
         f"| seconds per step | {_fmt(s['seconds_per_step_mean'], 1, 4)} |",

@@ -29,8 +29,7 @@ recomputation's operations, as long as backward runs inside it.
 from __future__ import annotations
 
 import contextlib
-import resource
-import sys
+import functools
 import time
 import weakref
 from collections import defaultdict
@@ -257,7 +256,14 @@ def recomputing(module: nn.Module) -> _Recomputing:
 
 @dataclass
 class MemoryPeaks:
-    """Peak memory over a recorded step: the process's resident set and, on CUDA, allocated bytes."""
+    """Peak memory over a recorded step: the process's resident set and, on CUDA, allocated bytes.
+
+    ``resident_bytes`` is the process's peak resident set from the block's start to its end (what
+    the operating system sees: libraries, weights and memory the allocator keeps count too). It is
+    None where that peak cannot be told apart from the process's earlier peaks
+    (``resident_peak_unavailable`` says why): no number is better than a number that means
+    something else.
+    """
 
     resident_bytes: int | None = None
     cuda_bytes: int | None = None
@@ -265,33 +271,50 @@ class MemoryPeaks:
 
 _STATUS = Path("/proc/self/status")
 _CLEAR_REFS = Path("/proc/self/clear_refs")
+_RESET_SLACK = 8 * 2**20  # the resident set may shrink between the reset and reading it back
 
 
-def _resident_peak() -> int:
-    """The process's peak resident set size (Linux ``VmHWM``; elsewhere ``getrusage``'s, since start)."""
-    if _STATUS.exists():
-        for line in _STATUS.read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB elsewhere
+def _status_bytes(*keys: str) -> dict[str, int]:
+    """``VmHWM``, ``VmRSS`` ... of ``/proc/self/status``, in bytes."""
+    values = {}
+    for line in _STATUS.read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in keys:
+            values[key] = int(value.split()[0]) * 1024
+    return values
 
 
-def _reset_resident_peak() -> None:
-    """Set the peak resident size to the current one (Linux ≥ 4.0; elsewhere the peak stays the process's)."""
-    with contextlib.suppress(OSError):
+@functools.cache
+def resident_peak_unavailable() -> str | None:
+    """Why the peak resident set of a block cannot be measured in this process, or None where it can.
+
+    Linux ≥ 4.0 resets the peak (``VmHWM``) to the current resident size when ``5`` is written to
+    ``/proc/self/clear_refs``; this checks once that the reset takes (the peak reads back no higher
+    than the resident size). Elsewhere the only peak is the process's since it started.
+    """
+    try:
         _CLEAR_REFS.write_text("5")
+        status = _status_bytes("VmHWM", "VmRSS")
+    except OSError as error:
+        return f"the peak resident set cannot be reset here ({error.strerror or error}; it needs Linux's /proc)"
+    if status.keys() != {"VmHWM", "VmRSS"}:
+        return "/proc/self/status has no VmHWM/VmRSS"
+    if status["VmHWM"] > status["VmRSS"] + _RESET_SLACK:
+        return "writing /proc/self/clear_refs did not reset the peak resident set (VmHWM)"
+    return None
 
 
 @contextmanager
 def record_memory_peaks(device: torch.device) -> Iterator[MemoryPeaks]:
     """Peak resident memory and (CUDA) ``torch.cuda.max_memory_allocated`` over the block, reset at its start.
 
-    The values are filled in when the block exits. On Linux the resident peak is the
-    block's own (``/proc/self/clear_refs``); elsewhere it is the process's since it started.
+    The values are filled in when the block exits; the resident peak only where it can be reset
+    (``resident_peak_unavailable``).
     """
     peaks = MemoryPeaks()
-    _reset_resident_peak()
+    resident = resident_peak_unavailable() is None
+    if resident:
+        _CLEAR_REFS.write_text("5")
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -301,7 +324,8 @@ def record_memory_peaks(device: torch.device) -> Iterator[MemoryPeaks]:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
             peaks.cuda_bytes = torch.cuda.max_memory_allocated(device)
-        peaks.resident_bytes = _resident_peak()
+        if resident:
+            peaks.resident_bytes = _status_bytes("VmHWM")["VmHWM"]
 
 
 class _NoFlopCount(contextlib.nullcontext):

@@ -56,6 +56,7 @@ def build_report(run: Run, evaluation: dict[str, float], why_no_saving: str | No
             "scoring_seconds": run.progress.scoring_seconds,
             "trainable_parameters_start": run.trainable_at_start,
             "resident_peak_bytes": _largest(s["resident_peak_bytes"] for s in steps),
+            "resident_peak_unavailable": accounting.resident_peak_unavailable(),  # why it is null, where it is
             "cuda_peak_bytes": _largest(s["cuda_peak_bytes"] for s in steps),  # reset at every step: the max
             "checkpointing": run.session.plan.mode,
             "memory_budget_bytes": run.session.plan.memory_budget,  # the whole step's
