@@ -52,8 +52,12 @@ lint: install
 docs: install
 	$(BIN)/mkdocs build --strict --quiet -d site
 
+# Two workers (pytest-xdist) on the 2-core machines CI and new users run; each worker runs torch on one thread
+# (tests/conftest.py). `make test PYTEST_WORKERS=0` runs the suite in one process.
+PYTEST_WORKERS ?= 2
+
 test: install lint docs
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n $(PYTEST_WORKERS) --dist worksteal
 
 demo: install
 	$(BIN)/safefreeze compare --model minilm --dataset trec --out runs/demo

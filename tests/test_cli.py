@@ -1,12 +1,18 @@
 import importlib.metadata
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from safefreeze.cli import _configs, build_parser, main
 from safefreeze.core.config import SafeConfig
 
-FAST = ["--max-steps", "6", "--batch-size", "8", "--flops-every", "3", "--eval-batch-size", "128", "--quiet"]
+COMMANDS = ["train", "compare", "bench", "plot", "landscape", "plan", "export-model"]
+# a few held-out examples: what these tests assert holds on any number of them
+FAST = ["--max-steps", "6", "--batch-size", "8", "--flops-every", "3", "--eval-examples", "64", "--quiet"]
 SAFE_FAST = ["--warmup-steps", "4", "--score-every", "2", "--tau", "0.9", "--probe-size", "8"]
 
 
@@ -107,10 +113,46 @@ def test_bad_arguments_exit_nonzero_with_one_line(tmp_path, capsys, argv, messag
     assert not out.exists() or not any(out.iterdir())
 
 
-@pytest.mark.parametrize("command", ["train", "compare", "bench", "plot", "landscape", "export-model"])
+@pytest.mark.parametrize("command", COMMANDS)
 def test_every_command_prints_its_help(command, capsys):
     """--help renders every option's text (argparse expands '%' in help strings: one stray '%' breaks it)."""
     with pytest.raises(SystemExit) as stop:
         main([command, "--help"])
     assert stop.value.code == 0
     assert f"usage: safefreeze {command}" in capsys.readouterr().out
+
+
+def _imported_by(*commands: list[str]) -> list[str]:
+    """Which of PEFT, bitsandbytes and transformers a fresh process imported running these commands (each exits 0)."""
+    code = (
+        "import json, sys\n"
+        "from safefreeze.cli import main\n"
+        "codes = []\n"
+        f"for argv in {list(commands)!r}:\n"
+        "    try:\n"
+        "        codes.append(main(argv))\n"
+        "    except SystemExit as stop:\n"
+        "        codes.append(stop.code)\n"
+        "print(json.dumps([codes, sorted({'peft', 'bitsandbytes', 'transformers'} & set(sys.modules))]))"
+    )
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(Path(__file__).parents[1] / "src"),
+    }
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    codes, imported = json.loads(done.stdout.splitlines()[-1])
+    assert codes == [0] * len(commands), done.stderr
+    return imported
+
+
+def test_help_imports_neither_peft_nor_transformers():
+    """``--help`` of safefreeze and of every command loads no model code (torch comes with ``import safefreeze``)."""
+    assert _imported_by(["--help"], *([command, "--help"] for command in COMMANDS)) == []
+
+
+def test_plan_imports_neither_peft_nor_bitsandbytes():
+    """``safefreeze plan`` builds LoRA's shapes itself (lora_shapes.py): importing PEFT would cost seconds."""
+    plan = ["plan", "--model", "minilm", "--batch-size", "2", "--max-length", "8", "--memory-budget", "200MiB"]
+    assert _imported_by(plan) == ["transformers"]

@@ -407,13 +407,13 @@ def command_plan(args: argparse.Namespace) -> None:
     from safefreeze.core.units import find_blocks
     from safefreeze.memory.budget import parse_size
     from safefreeze.memory.forecast import forecast, render
-    from safefreeze.training.build import blank_model, make_optimizer
+    from safefreeze.training.build import adamw, blank_model
     from safefreeze.training.methods import METHODS
 
     started = time.perf_counter()
     config = _from_args(TrainConfig, args)
     model, batch = blank_model(config)
-    optimizer, _ = make_optimizer(config, model, total_steps=1)
+    optimizer = adamw(config, model)
     blocks = len(find_blocks(model))
     default = bottom_blocks(SafeConfig().for_model(model).bottom_share, blocks)  # what the default rule freezes
     frozen = sorted({default, blocks // 4, blocks // 2, 3 * blocks // 4} - {0})

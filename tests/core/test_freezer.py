@@ -1,5 +1,6 @@
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 from safefreeze.core.config import ConfigError, SafeConfig
 from safefreeze.core.decisions import PlannedStrategy
@@ -9,7 +10,7 @@ from safefreeze.core.units import find_blocks, find_units
 from safefreeze.memory import accounting
 from safefreeze.memory.accounting import record_saved_tensors
 from safefreeze.training.config import flag
-from safefreeze.training.models import add_lora, load_model, resolve_model
+from safefreeze.training.models import add_lora, load_config, resolve_model
 
 
 def _perturb_adapters(model, seed=0):
@@ -45,7 +46,10 @@ def test_units_of_minilm_blocks_and_modules(lora_minilm):
 
 
 def test_units_of_smollm2_are_its_30_blocks():
-    model = add_lora(load_model(resolve_model("smollm2"), "causal_lm"), "causal_lm", 4, 8, 0.0)
+    """SmolLM2's structure, built on the meta device from its config: units depend on modules, not on weights."""
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(load_config(resolve_model("smollm2")))
+        model = add_lora(model, "causal_lm", 4, 8, 0.0)
     units = find_units(model)
     assert [u.block for u in units] == list(range(30))
     assert len(find_blocks(model)) == 30

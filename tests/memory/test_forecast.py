@@ -1,20 +1,24 @@
-"""``safefreeze plan``: planned on the meta device, the block costs are the CPU's to the byte, and the command
-prints the breakdown, the checkpointing, the budget's plan and the frozen-prefix rows."""
+"""``safefreeze plan``: planned on the meta device, the block costs are the CPU's to the byte, the LoRA it builds
+without PEFT holds what PEFT's does, and the command prints the breakdown, the checkpointing, the budget's plan and
+the frozen-prefix rows."""
 
 import pytest
 import torch
 
 from safefreeze import cli
+from safefreeze.core.config import ConfigError
 from safefreeze.memory.budget import format_size, measure_block_costs
 from safefreeze.memory.forecast import cpu_attention, forecast
 from safefreeze.memory.predict import step_memory
-from safefreeze.training.build import add_adapter, blank_model, make_optimizer
+from safefreeze.training.build import adamw, add_adapter, blank_model, make_optimizer
 from safefreeze.training.config import TrainConfig
+from safefreeze.training.lora_shapes import DEFAULT_TARGETS, add_lora_shapes
 from safefreeze.training.models import add_lora, load_model
 
 
-def _llama(device: str, attention_dropout: float = 0.0):
-    from transformers import LlamaConfig, LlamaForCausalLM
+def _llama(device: str, attention_dropout: float = 0.0, kind: str = "causal_lm", lora=add_lora, targets="all-linear"):
+    """A 3-block Llama with LoRA r 4 (``lora``: PEFT's ``add_lora`` or the plan's ``add_lora_shapes``)."""
+    from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
     torch.manual_seed(0)
     config = LlamaConfig(
@@ -25,9 +29,12 @@ def _llama(device: str, attention_dropout: float = 0.0):
         num_hidden_layers=3,
         vocab_size=1000,
         attention_dropout=attention_dropout,
+        num_labels=3,
+        pad_token_id=0,
     )
+    auto = LlamaForSequenceClassification if kind == "classification" else LlamaForCausalLM
     with torch.device(device):
-        return add_lora(LlamaForCausalLM(config), "causal_lm", 4, 8, 0.1, "all-linear").train()
+        return lora(auto(config), kind, 4, 8, 0.1, targets).train()
 
 
 @pytest.mark.parametrize("attention_dropout", [0.0, 0.1])  # the CPU's flash kernel, and its math kernel
@@ -50,8 +57,41 @@ def test_a_blank_minilm_plans_what_the_loaded_one_measures(minilm_source):
     with cpu_attention():
         planned = measure_block_costs(blank, batch)
     assert planned == measure_block_costs(loaded, cpu_batch)
-    optimizer, loaded_optimizer = make_optimizer(config, blank, 1)[0], make_optimizer(config, loaded, 1)[0]
-    assert step_memory(blank, optimizer, 0, 0) == step_memory(loaded, loaded_optimizer, 0, 0)
+    assert step_memory(blank, adamw(config, blank), 0, 0) == step_memory(
+        loaded, make_optimizer(config, loaded, 1)[0], 0, 0
+    )
+
+
+@pytest.mark.parametrize(
+    ("kind", "targets"),
+    [("causal_lm", None), ("causal_lm", "all-linear"), ("classification", None), ("classification", ["o_proj"])],
+)
+def test_the_plans_lora_holds_what_peft_adds(kind, targets):
+    """LoRA built without PEFT (lora_shapes.py) plans every row to the byte as PEFT's LoRA does: the same saved
+    tensors, temporaries, weights (a classifier's trained copy of its head included) and trainable units."""
+    ids = torch.ones(4, 16, dtype=torch.long, device="meta")
+    labels = torch.zeros(4, dtype=torch.long, device="meta") if kind == "classification" else ids
+    plans = []
+    for lora in (add_lora, add_lora_shapes):
+        model = _llama("meta", kind=kind, lora=lora, targets=targets)
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad])
+        plans.append(forecast(model, optimizer, {"input_ids": ids, "labels": labels}, None, (1, 2)))
+    assert plans[0] == plans[1]
+
+
+def test_the_plans_default_lora_targets_are_pefts():
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+
+    assert DEFAULT_TARGETS == TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+
+
+@pytest.mark.parametrize(
+    ("targets", "message"),
+    [(["embed_tokens"], "a plan adds LoRA to linear layers only"), (["qproj"], "its linear layers are named")],
+)
+def test_the_plans_lora_refuses_what_it_cannot_build_in_one_line(targets, message):
+    with pytest.raises(ConfigError, match=message):
+        _llama("meta", lora=add_lora_shapes, targets=targets)
 
 
 def test_forecast_rows_shrink_with_checkpointing_and_freezing():

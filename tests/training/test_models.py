@@ -11,6 +11,7 @@ from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, PreTrai
 from safefreeze.cli import main
 from safefreeze.core.config import ConfigError
 from safefreeze.core.units import find_units
+from safefreeze.training import models
 from safefreeze.training.models import add_lora, export_model, load_model, load_tokenizer, resolve_model
 
 
@@ -77,6 +78,41 @@ def test_export_gguf_gives_a_plain_folder_with_the_same_logits(tiny_gguf, tmp_pa
     assert ids.shape[1] > 10 and tokenizer.decode(ids[0]) == text
     with torch.no_grad():
         assert torch.equal(model(ids).logits, expected(ids).logits)
+
+
+def test_a_gguf_file_is_converted_once_and_loads_as_the_same_model(tiny_gguf, tmp_path, monkeypatch):
+    """The first load keeps a plain folder in the cache; later loads read it, not the GGUF file, and compute
+    what the GGUF file dequantised computes, token for token and logit for logit."""
+    from transformers import modeling_gguf_pytorch_utils
+
+    source = resolve_model(str(tiny_gguf))
+    monkeypatch.setattr(models, "GGUF_CACHE_LIMIT", 0)  # read from the GGUF file itself: the reference
+    expected_model, expected_tokenizer = load_model(source, "causal_lm"), load_tokenizer(source)
+    monkeypatch.undo()
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    load_model(source, "causal_lm")  # converts and keeps
+    assert [p.parent.parent.name for p in (tmp_path / "cache").glob("safefreeze/gguf/*/config.json")] == ["gguf"]
+
+    def unreadable(*args, **kwargs):
+        raise AssertionError("the GGUF file was parsed again")
+
+    monkeypatch.setattr(modeling_gguf_pytorch_utils, "load_gguf_checkpoint", unreadable)
+    model, tokenizer = load_model(source, "causal_lm"), load_tokenizer(source)
+    chat = [{"role": "user", "content": "the cat"}]
+    text = expected_tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    assert tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True) == text
+    ids = expected_tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
+    assert torch.equal(tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"], ids)
+    assert tokenizer.pad_token == expected_tokenizer.pad_token
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, expected_model(ids).logits)
+
+
+def test_a_cache_that_cannot_be_written_reads_the_gguf_file(tiny_gguf, tmp_path, monkeypatch):
+    blocked = tmp_path / "file"
+    blocked.write_text("")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocked))  # a file where the cache folder should be
+    assert models.plain_source(resolve_model(str(tiny_gguf))).gguf_file == "tiny-llama.gguf"
 
 
 def test_export_encoder_is_its_base_model(minilm_source, tmp_path):

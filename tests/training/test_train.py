@@ -8,7 +8,9 @@ from safefreeze.core.config import DECODER_TRAINABLE_SHARE, DEFAULT_BOTTOM_SHARE
 from safefreeze.training.records import METRICS_NAME, StepRecord, read_metrics
 from safefreeze.training.train import TrainConfig, train
 
-FAST = {"max_steps": 5, "batch_size": 8, "flops_every": 100, "eval_batch_size": 256}
+# Short runs, evaluated on a few held-out examples: what these tests assert holds on any number of them, and a full
+# held-out pass (Hamlet's on SmolLM2: ~1 TFLOP) would cost more than the training.
+FAST = {"max_steps": 5, "batch_size": 8, "flops_every": 100, "eval_batch_size": 256, "eval_examples": 64}
 
 
 def _adapter_state(model):
@@ -31,7 +33,9 @@ def test_safe_without_freezing_trains_bit_identically_to_lora(score_on, measured
 
 
 def test_causal_lm_on_smollm2_reports_perplexity():
-    config = TrainConfig(model="smollm2", dataset="hamlet", method="safe", max_length=32, **{**FAST, "batch_size": 2})
+    config = TrainConfig(
+        model="smollm2", dataset="hamlet", method="safe", max_length=32, **{**FAST, "batch_size": 2, "eval_examples": 8}
+    )
     result = train(
         config, SafeConfig(tau=1.0, policy="threshold", warmup_steps=2, score_every=2, smoothing=0.0), progress=False
     )
@@ -49,7 +53,8 @@ def test_causal_lm_on_smollm2_reports_perplexity():
 def test_the_defaults_freeze_the_bottom_share_of_smollm2_on_the_instruction_task_from_the_first_step():
     """SmolLM2 on the bundled instruction set with every default: the bottom share of its 30 blocks freezes before
     the first step (no run length is too short for it), so every step's backward stops above them."""
-    base = {"model": "smollm2", "dataset": "trec-chat", **FAST, "batch_size": 2, "max_steps": 1, "eval_examples": 4}
+    base = {"model": "smollm2", "dataset": "trec-chat", **FAST, "batch_size": 2, "max_steps": 1}
+    base.update(train_examples=8, eval_examples=4)
     lora = train(TrainConfig(**base, method="lora"), SafeConfig(), progress=False).report
     safe = train(TrainConfig(**base, method="safe"), SafeConfig(), progress=False).report
     frozen = math.ceil(DEFAULT_BOTTOM_SHARE["decoder"] * 30 - 1e-9)

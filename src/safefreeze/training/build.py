@@ -7,6 +7,7 @@ import math
 import os
 import random
 import tempfile
+from collections.abc import Callable
 from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
@@ -14,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, get_scheduler
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from safefreeze.adapters.bottleneck import BottleneckConfig, add_bottleneck
 from safefreeze.core.config import ConfigError, SafeConfig
@@ -23,6 +24,7 @@ from safefreeze.training import distributed
 from safefreeze.training.config import LR_SCHEDULERS, PRECISIONS, TrainConfig
 from safefreeze.training.data import Collator, TaskData, check_task, encode
 from safefreeze.training.datafiles import load_dataset
+from safefreeze.training.lora_shapes import add_lora_shapes
 from safefreeze.training.methods import METHODS, PLANNED, freezes, planned_strategy
 from safefreeze.training.models import (
     ModelSource,
@@ -88,7 +90,8 @@ def blank_model(config: TrainConfig) -> tuple[nn.Module, dict[str, torch.Tensor]
     and its worst-case micro-batch: ``batch_size / grad_accum`` rows of ``max_length`` tokens, labels included.
 
     What a step holds depends on shapes alone, so ``safefreeze plan`` plans on these without reading weights or
-    examples (a full-length row holds no padding: the worst case any data can give at that length).
+    examples (a full-length row holds no padding: the worst case any data can give at that length), and with LoRA
+    as PEFT would add it, built without importing PEFT (lora_shapes.py).
     """
     task, source = task_and_source(config)
     model_config = load_config(source)
@@ -104,14 +107,20 @@ def blank_model(config: TrainConfig) -> tuple[nn.Module, dict[str, torch.Tensor]
     with torch.device("meta"):
         model = auto.from_config(model_config)
         if METHODS[config.method].adapter:
-            model = add_adapter(model, task.kind, config)
+            model = add_adapter(model, task.kind, config, lora=add_lora_shapes)
     return model.train(), {"input_ids": ids, "labels": labels}
 
 
-def add_adapter(model: nn.Module, kind: str, config: TrainConfig) -> nn.Module:
-    """Wrap ``model`` with the adapter ``config.adapter`` names; only adapters and the task head train."""
+def add_adapter(
+    model: nn.Module, kind: str, config: TrainConfig, lora: Callable[..., nn.Module] = add_lora
+) -> nn.Module:
+    """Wrap ``model`` with the adapter ``config.adapter`` names; only adapters and the task head train.
+
+    ``lora`` adds a LoRA adapter: PEFT's (``models.add_lora``) for training, or its shapes alone
+    (``lora_shapes.add_lora_shapes``) for a plan.
+    """
     if config.adapter == "lora":
-        return add_lora(model, kind, config.rank, config.alpha, config.lora_dropout, config.target_module_list)
+        return lora(model, kind, config.rank, config.alpha, config.lora_dropout, config.target_module_list)
     head = [name for name in ("classifier", "score") if kind == "classification" and hasattr(model, name)]
     return add_bottleneck(model, BottleneckConfig(config.adapter, config.reduction_factor, head))
 
@@ -119,12 +128,23 @@ def add_adapter(model: nn.Module, kind: str, config: TrainConfig) -> nn.Module:
 def make_optimizer(
     config: TrainConfig, model: nn.Module, total_steps: int
 ) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
-    """AdamW over the parameters that require grad now; ``lr_scheduler`` after a linear ``lr_warmup_ratio`` warm-up."""
-    parameters = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
+    """``adamw``, and ``lr_scheduler`` after a linear ``lr_warmup_ratio`` warm-up.
+
+    transformers' schedulers are imported here: their module imports the Trainer's utilities, and with them PEFT
+    and bitsandbytes, seconds that ``safefreeze plan`` (which needs the optimizer alone) does without.
+    """
+    from transformers import get_scheduler
+
+    optimizer = adamw(config, model)
     warmup = round(config.lr_warmup_ratio * total_steps)
     scheduler = get_scheduler(LR_SCHEDULERS[config.lr_scheduler], optimizer, warmup, total_steps)
     return optimizer, scheduler
+
+
+def adamw(config: TrainConfig, model: nn.Module) -> torch.optim.AdamW:
+    """AdamW over the parameters that require grad now, at the run's learning rate and weight decay."""
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
 
 
 def make_session(

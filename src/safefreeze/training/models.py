@@ -20,8 +20,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from peft import LoraConfig, PeftModel, TaskType, get_peft_model
 from torch import nn
 from transformers import (
     AutoConfig,
@@ -36,6 +36,9 @@ from safefreeze.core.config import ConfigError
 from safefreeze.core.units import is_decoder_only
 from safefreeze.training.data import package_file
 from safefreeze.training.outputs import write_atomically
+
+if TYPE_CHECKING:
+    from peft import PeftModel
 
 
 @dataclass
@@ -88,6 +91,7 @@ def _readable(source: ModelSource) -> Iterator[None]:
 
 
 def load_tokenizer(source: ModelSource):
+    source = plain_source(source)
     with _readable(source):
         tokenizer = AutoTokenizer.from_pretrained(source.directory, **source.kwargs())
     if tokenizer.pad_token is None:
@@ -99,12 +103,21 @@ def load_model(source: ModelSource, kind: str, num_labels: int = 0, pad_token_id
     """A float model for ``kind`` ("classification" or "causal_lm").
 
     GGUF checkpoints are dequantised by transformers and then rebuilt as a plain model
-    without ``quantization_config``, so PEFT, saving and merging treat them as float.
+    without ``quantization_config``, so PEFT, saving and merging treat them as float; that
+    is done once per file and kept (``plain_source``).
     """
     if kind == "classification":
         auto, extra = AutoModelForSequenceClassification, {"num_labels": num_labels}
     else:
         auto, extra = AutoModelForCausalLM, {}
+    model = _load_float(plain_source(source), auto, extra)
+    if pad_token_id is not None and model.config.pad_token_id is None:
+        model.config.pad_token_id = pad_token_id
+    return model
+
+
+def _load_float(source: ModelSource, auto, extra: dict) -> nn.Module:
+    """``auto.from_pretrained`` of the source, a GGUF file's rebuilt without its ``quantization_config``."""
     with _readable(source):
         model = auto.from_pretrained(source.directory, **source.kwargs(), **extra)
     if source.gguf_file:
@@ -114,18 +127,57 @@ def load_model(source: ModelSource, kind: str, num_labels: int = 0, pad_token_id
         plain = auto.from_config(config)
         plain.load_state_dict(model.state_dict())
         model = plain
-    if pad_token_id is not None and model.config.pad_token_id is None:
-        model.config.pad_token_id = pad_token_id
     return model
+
+
+GGUF_CACHE_LIMIT = 512 * 2**20  # .gguf files up to this size are kept converted (fp32 takes ~7x a 4-bit file)
+
+
+def _cache() -> Path:
+    """safefreeze's folder in the user's cache (``$XDG_CACHE_HOME``, else ``~/.cache``)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "safefreeze"
+
+
+def _gguf_key(source: ModelSource) -> str:
+    """A cache name for the source's .gguf file: its path, size and modification time (a changed file is new)."""
+    file = (Path(source.directory) / source.gguf_file).resolve()
+    stat = file.stat()
+    return re.sub(r"[^A-Za-z0-9]+", "-", f"{file}-{stat.st_size}-{stat.st_mtime_ns}").strip("-")
+
+
+def plain_source(source: ModelSource) -> ModelSource:
+    """Where to load ``source``'s tokenizer and weights from: for a .gguf file, its conversion to a plain folder.
+
+    transformers parses a GGUF file's whole metadata (the tokenizer's vocabulary too) at every load of
+    the config, the tokenizer and the weights, then dequantises: about half a minute for SmolLM2 on one
+    CPU core, at every run. The folder ``export_model`` would write (fp32 safetensors, config, tokenizer)
+    loads in about a second and computes the same, so it is written once to ``$XDG_CACHE_HOME/safefreeze/
+    gguf/``, keyed by the file's path, size and modification time. Files over ``GGUF_CACHE_LIMIT``, and
+    machines whose cache cannot be written, read the GGUF file every time.
+    """
+    if not source.gguf_file or (Path(source.directory) / source.gguf_file).stat().st_size > GGUF_CACHE_LIMIT:
+        return source
+    folder = _cache() / "gguf" / _gguf_key(source)
+    if not (folder / "config.json").exists():
+        with _readable(source):
+            tokenizer = AutoTokenizer.from_pretrained(source.directory, **source.kwargs())
+        model = _load_float(source, AutoModelForCausalLM, {})
+
+        def fill(staging: Path) -> None:
+            model.save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
+
+        try:
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            write_atomically(folder, fill)
+        except OSError:
+            return source  # a read-only or full cache: convert again next time
+    return ModelSource(folder)
 
 
 def model_kind(source: ModelSource) -> str:
     """'encoder' or 'decoder', from the model's config."""
     return "decoder" if is_decoder_only(load_config(source)) else "encoder"
-
-
-def _config_cache() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "safefreeze" / "configs"
 
 
 def load_config(source: ModelSource) -> PretrainedConfig:
@@ -139,10 +191,7 @@ def load_config(source: ModelSource) -> PretrainedConfig:
     if not source.gguf_file:
         with _readable(source):
             return AutoConfig.from_pretrained(source.directory)
-    file = (Path(source.directory) / source.gguf_file).resolve()
-    stat = file.stat()
-    key = re.sub(r"[^A-Za-z0-9]+", "-", f"{file}-{stat.st_size}-{stat.st_mtime_ns}").strip("-")
-    cached = _config_cache() / f"{key}.json"
+    cached = _cache() / "configs" / f"{_gguf_key(source)}.json"
     if cached.exists():
         settings = json.loads(cached.read_text())
         return AutoConfig.for_model(settings.pop("model_type"), **settings)
@@ -204,10 +253,14 @@ def add_lora(
     ``target_modules`` are module names or name suffixes (``["query", "value"]``), or
     ``"all-linear"``. The task head (classifier / score) is trainable through
     ``modules_to_save``, as PEFT does for sequence classification; it is never an adapter unit.
+    PEFT is imported here, not with this module: it imports bitsandbytes, seconds that
+    ``safefreeze plan`` (lora_shapes.py) does without.
 
     Raises:
         ConfigError: if no module matches ``target_modules``.
     """
+    from peft import LoraConfig, TaskType, get_peft_model
+
     task_type = TaskType.SEQ_CLS if kind == "classification" else TaskType.CAUSAL_LM
     config = LoraConfig(
         task_type=task_type, r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=target_modules
@@ -217,8 +270,13 @@ def add_lora(
     except ValueError as error:  # peft >= 0.18 raises NoMatchingPeftModuleError, a ValueError
         if target_modules is None or not re.search("not found|no modules were targeted", str(error), re.IGNORECASE):
             raise
-        leaves = sorted({name.rpartition(".")[2] for name, m in model.named_modules() if isinstance(m, nn.Linear)})
-        raise ConfigError(
-            f"--target-modules {target_modules} matches no module of {type(model).__name__}; "
-            f"its linear layers are named {', '.join(leaves)}"
-        ) from None
+        raise unmatched_targets(model, target_modules) from None
+
+
+def unmatched_targets(model: nn.Module, target_modules: list[str] | str) -> ConfigError:
+    """The error for LoRA targets that match no module of ``model``: it names the model's linear layers."""
+    leaves = sorted({name.rpartition(".")[2] for name, m in model.named_modules() if isinstance(m, nn.Linear)})
+    return ConfigError(
+        f"--target-modules {target_modules} matches no module of {type(model).__name__}; "
+        f"its linear layers are named {', '.join(leaves)}"
+    )
