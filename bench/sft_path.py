@@ -11,6 +11,11 @@ same batches in the same order:
                     mirrored to transformers 5's ``activation_checkpointing``): every block, with
                     PEFT's input-require-grads hook;
 - ``lora-no-ckpt``  plain LoRA, ``activation_checkpointing=False``;
+- ``lora-top``      the static alternative as PEFT users write it: LoRA on the top blocks only
+                    (``LoraConfig(layers_to_transform=...)``), TRL's defaults, as many bottom blocks
+                    left without adapters as ``--static-frozen`` says (default: as many as the
+                    ``safe`` arm's default freezes). TRL's checkpointing still makes the embeddings'
+                    output require grad, so backward runs through every block, stored and recomputed;
 - ``safe``          ``SafeCallback(SafeConfig())``, TRL's defaults: the bottom share of the blocks
                     frozen before the first step, TRL's checkpointing taken over (the frozen blocks
                     neither stored nor recomputed);
@@ -57,7 +62,8 @@ from transformers import TrainerCallback  # noqa: E402
 from trl import SFTConfig, SFTTrainer  # noqa: E402
 
 from safefreeze import SafeCallback, SafeConfig  # noqa: E402
-from safefreeze.core.config import ConfigError  # noqa: E402
+from safefreeze.core.config import DEFAULT_BOTTOM_SHARE, ConfigError  # noqa: E402
+from safefreeze.core.policy import bottom_blocks  # noqa: E402
 from safefreeze.core.units import find_blocks  # noqa: E402
 from safefreeze.memory.budget import MIB  # noqa: E402
 from safefreeze.memory.recompute import checkpointed_blocks  # noqa: E402
@@ -65,9 +71,10 @@ from safefreeze.memory.tracker import StepTracker  # noqa: E402
 
 ROOT = Path(__file__).parents[1]
 EXAMPLE = ROOT / "examples" / "sft_trl.py"
-ARMS = ("lora", "lora-no-ckpt", "safe", "safe-budget")
+ARMS = ("lora", "lora-no-ckpt", "lora-top", "safe", "safe-budget")
 BUDGET_SHARE = 0.6  # safe-budget's memory_budget, as a share of lora's measured peak
 LEARNING_RATE = 1e-3  # the example's
+LLAMA_BLOCK_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]  # all-linear's
 COLUMNS = (
     "tag",
     "seed",
@@ -133,6 +140,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--bf16", action="store_true", help="TRL's default precision (the example's is fp32)")
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
     parser.add_argument(
+        "--static-frozen",
+        type=int,
+        default=None,
+        help="lora-top: bottom blocks without adapters (default: as many as SafeConfig() freezes on a decoder)",
+    )
+    parser.add_argument(
         "--budget-shares",
         type=float,
         nargs="+",
@@ -175,7 +188,10 @@ def build_trainer(args, arm: str, seed: int, data: dict, callbacks: list, out: P
         seed=seed,
         **settings,
     )
-    lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
+    targets = {"target_modules": "all-linear"}
+    if arm == "lora-top":  # PEFT takes layers_to_transform with named modules only: all-linear's, named
+        targets = {"target_modules": LLAMA_BLOCK_LINEARS, "layers_to_transform": top_layers(args, data["model"])}
+    lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, task_type="CAUSAL_LM", **targets)
     return SFTTrainer(
         model=str(data["model"]),
         args=config,
@@ -184,6 +200,15 @@ def build_trainer(args, arm: str, seed: int, data: dict, callbacks: list, out: P
         peft_config=lora,
         callbacks=callbacks,
     )
+
+
+def top_layers(args, model_folder: Path) -> list[int]:
+    """The blocks ``lora-top`` adapts: all but the bottom ``--static-frozen`` (default: the default rule's count)."""
+    blocks = json.loads((Path(model_folder) / "config.json").read_text())["num_hidden_layers"]
+    frozen = args.static_frozen
+    if frozen is None:
+        frozen = bottom_blocks(DEFAULT_BOTTOM_SHARE["decoder"], blocks)
+    return list(range(frozen, blocks))
 
 
 def trained_blocks(model) -> int:
@@ -216,7 +241,8 @@ def run_arm(args, arm: str, seed: int, data: dict, out: Path, budget_mib: float 
         frozen, checkpointed = safe.freezer.frozen_prefix(), len(safe.session.checkpointed_blocks())
     else:
         peaks, predicted = [p / MIB for p in meter.peaks], []
-        frozen, checkpointed = 0, len(checkpointed_blocks(trainer.model))
+        frozen = len(find_blocks(trainer.model)) - len(top_layers(args, data["model"])) if arm == "lora-top" else 0
+        checkpointed = len(checkpointed_blocks(trainer.model))
     train_seconds = time.perf_counter() - started
     eval_loss = trainer.evaluate()["eval_loss"]
     return {
