@@ -17,8 +17,8 @@ whose row is there with the same fingerprint is not trained again, so a grid of 
 what is committed, on any machine (each run's report also stays under ``bench/results/frontier/<tag>/``,
 git-ignored). ``<tag>-mean.csv`` holds the means over seeds, with the seeds' spread of the score, and
 the figure goes to ``bench/figures/frontier-<tag>.png``. Time per step is a ratio to LoRA of the same seed
-too, but cells run at different moments (two at a time on a shared machine): read it as a rough guide,
-the memory and FLOP ratios as exact.
+too (the median step's, which a step stalled by the machine does not move), but cells run at different
+moments (two at a time on a shared machine): read it as a rough guide, the memory and FLOP ratios as exact.
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/frontier.py --dataset trec --steps 300 --batch-size 16 --seeds 0
 """
@@ -45,7 +45,7 @@ HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "frontier"
 LOWER_IS_BETTER = {"perplexity", "loss"}
 BUILTIN = ("default", "paper", "freezeout", "random")
-COSTS = ("activation_bytes_mean", "flops_per_step_mean", "seconds_per_step_mean")  # a run's, compared with LoRA's
+COSTS = ("activation_bytes_mean", "flops_per_step_mean", "seconds_per_step_median")  # a run's, compared with LoRA's
 FIELDS = (
     "tag", "seed", "name", "k", "t", "metric", "score", "delta", "memory", "flops", "time", "frozen_units", "prefix",
     *COSTS, "identity",
@@ -112,7 +112,12 @@ def _typed(row: dict) -> dict:
 def measure(name: str, k, t, report: dict, lora: dict | None, tag: str, seed: int) -> dict:
     """One CSV row: a run's score and savings against LoRA's row of the same seed (None: the run is LoRA)."""
     metric = next(iter(report["eval"]))
-    costs = {key: report["summary"][key] for key in COSTS}
+    seconds = [step["seconds"] for step in report["steps"] if step["seconds"] is not None]
+    costs = {
+        "activation_bytes_mean": report["summary"]["activation_bytes_mean"],
+        "flops_per_step_mean": report["summary"]["flops_per_step_mean"],
+        "seconds_per_step_median": statistics.median(seconds) if seconds else None,  # a stalled step moves no median
+    }
     reference = _typed(lora) if lora is not None else {"score": report["eval"][metric], **costs}
 
     def ratio(key: str) -> float | None:
@@ -129,7 +134,7 @@ def measure(name: str, k, t, report: dict, lora: dict | None, tag: str, seed: in
         "delta": report["eval"][metric] - reference["score"],
         "memory": ratio("activation_bytes_mean"),
         "flops": ratio("flops_per_step_mean"),
-        "time": ratio("seconds_per_step_mean"),
+        "time": ratio("seconds_per_step_median"),
         "frozen_units": report["summary"]["frozen_units"],
         "prefix": frozen_prefix(report),
         **costs,
