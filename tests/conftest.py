@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -10,8 +12,10 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-# safefreeze's cache (a .gguf file's config: training/models.py) goes to a folder of this test run, not the user's
+# safefreeze's cache (a .gguf file's config and its conversion, ~0.5 GB for SmolLM2: training/models.py) goes to a
+# folder of this test process, not the user's, and is removed when the process ends
 os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="safefreeze-tests-cache-")
+atexit.register(shutil.rmtree, os.environ["XDG_CACHE_HOME"], True)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
