@@ -31,6 +31,7 @@ import hashlib
 import json
 import os
 import statistics
+from dataclasses import replace
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -72,18 +73,21 @@ class Grid:
 
     def row(self, name: str, k, t, config: TrainConfig, safe: SafeConfig, lora: dict | None) -> dict:
         """``name``'s row for ``config``'s seed, against ``lora`` (LoRA's row of that seed; None: this is LoRA)."""
-        identity = fingerprint(config, safe)
-        kept = self.rows.get((config.seed, name))
-        if kept is not None and kept.get("identity") == identity:
-            return kept
+        if self.has(name, config, safe):
+            return self.rows[(config.seed, name)]
         label = name.replace(" ", "").replace("(", "-").replace(")", "").replace("@", "-")
         report = run(RESULTS / self.tag / f"{label}-s{config.seed}", config, safe)
         row = measure(name, k, t, report, lora, self.tag, config.seed)
-        row["identity"] = identity
+        row["identity"] = fingerprint(config, safe)
         self.rows[(config.seed, name)] = row
         self.write()
         print(_line(row), flush=True)
         return row
+
+    def has(self, name: str, config: TrainConfig, safe: SafeConfig) -> bool:
+        """Whether ``name``'s row for this configuration is committed (``row`` would train nothing)."""
+        kept = self.rows.get((config.seed, name))
+        return kept is not None and kept.get("identity") == fingerprint(config, safe)
 
     def write(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -98,15 +102,18 @@ class Grid:
 
 
 def fingerprint(config: TrainConfig, safe: SafeConfig) -> str:
-    """A short hash of what makes two runs the same run (``run_identity``): a changed default changes it."""
+    """A short hash of what makes two runs the same run (``run_identity``): a changed default changes it. A
+    reference run (``random``'s) is named relative to this folder, so a checkout elsewhere finds the same rows."""
+    if config.reference:
+        config = replace(config, reference=os.path.relpath(config.reference, HERE))
     text = json.dumps(run_identity(config, safe), sort_keys=True, default=str)
     return hashlib.sha1(text.encode()).hexdigest()[:12]
 
 
 def _typed(row: dict) -> dict:
-    numbers = {key: float(row[key]) for key in ("score", "delta", "memory", "flops", *COSTS) if row.get(key)}
-    time = row.get("time")
-    return {**row, **numbers, "seed": int(row["seed"]), "time": float(time) if time else None}
+    keys = ("score", "delta", "memory", "flops", "time", *COSTS)
+    numbers = {key: None if row.get(key) in (None, "") else float(row[key]) for key in keys}  # "": not measured
+    return {**row, **numbers, "seed": int(row["seed"])}
 
 
 def measure(name: str, k, t, report: dict, lora: dict | None, tag: str, seed: int) -> dict:
@@ -166,8 +173,9 @@ def rule_rows(args, base: dict, grid: Grid, seed: int, lora: dict) -> None:
         grid.row("freezeout", "", "", TrainConfig(**base, method="freezeout", seed=seed), SafeConfig(seed=seed), lora)
     if "random" in args.builtin:
         paper = RESULTS / grid.tag / f"safe-paper-s{seed}"
-        run(paper, TrainConfig(**base, method="safe", seed=seed), builtin["paper"])
         config = TrainConfig(**base, method="random", reference=str(paper), seed=seed)
+        if not grid.has("random", config, SafeConfig(seed=seed)):  # the paper's run is trained only to be followed
+            run(paper, TrainConfig(**base, method="safe", seed=seed), builtin["paper"])
         grid.row("random", "", "", config, SafeConfig(seed=seed), lora)
 
 

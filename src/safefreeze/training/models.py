@@ -162,14 +162,9 @@ def plain_source(source: ModelSource) -> ModelSource:
         with _readable(source):
             tokenizer = AutoTokenizer.from_pretrained(source.directory, **source.kwargs())
         model = _load_float(source, AutoModelForCausalLM, {})
-
-        def fill(staging: Path) -> None:
-            model.save_pretrained(staging)
-            tokenizer.save_pretrained(staging)
-
         try:
             folder.parent.mkdir(parents=True, exist_ok=True)
-            write_atomically(folder, fill)
+            _write_folder(folder, model, tokenizer)
         except OSError:
             return source  # a read-only or full cache: convert again next time
     return ModelSource(folder)
@@ -231,13 +226,18 @@ def export_model(spec: str, out_dir: str | Path) -> Path:
     else:
         with _readable(source):
             model = AutoModel.from_pretrained(source.directory, **source.kwargs())
+    _write_folder(out, model, tokenizer)
+    return out
+
+
+def _write_folder(out: Path, model: nn.Module, tokenizer) -> None:
+    """``model`` and ``tokenizer`` saved as one plain transformers folder at ``out``, whole or not at all."""
 
     def fill(staging: Path) -> None:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
 
     write_atomically(out, fill)
-    return out
 
 
 def add_lora(
