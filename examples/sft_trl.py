@@ -16,8 +16,9 @@ found no instruction set shipped inside a PyPI package to use instead).
     python examples/sft_trl.py --model path/to/model.gguf         # any model export_model takes
 
 With SAFE's defaults the adapters of the bottom fifteenth of SmolLM2's 30 blocks (2) freeze before
-the first step, and with gradient checkpointing on (TRL's default) the callback takes it over so
-that those blocks are neither stored nor recomputed. On this instruction data that costs eval
+the first step, and with gradient checkpointing on (``--gradient-checkpointing``: TRL's own default,
+which this example leaves off unless asked) the callback takes it over so that those blocks are
+neither stored nor recomputed (tests/integrations/test_trl.py checks it step by step). On this instruction data that costs eval
 loss (BENCHMARKS.md, "The freezing frontier"): ``--no-safe`` gives the run to compare with.
 """
 
@@ -75,7 +76,9 @@ def model_folder(model: str, folder: Path) -> Path:
     return folder if (folder / "config.json").exists() else export_model(model, folder)
 
 
-def run(args: argparse.Namespace) -> SFTTrainer:
+def run(args: argparse.Namespace, callbacks_before: list | None = None) -> SFTTrainer:
+    """Train as ``args`` say; ``callbacks_before`` are listed ahead of SAFE's callback (a test's recorders: they
+    see each step before SAFE acts on it)."""
     quantization = None
     if args.load_in_4bit:
         from transformers import BitsAndBytesConfig
@@ -106,7 +109,7 @@ def run(args: argparse.Namespace) -> SFTTrainer:
         args=config,
         train_dataset=instructions(args.examples),
         peft_config=lora,
-        callbacks=callbacks,
+        callbacks=[*(callbacks_before or []), *callbacks],
     )
     trainer.train()
     trainer.save_model(f"{args.out}/adapter")
