@@ -18,8 +18,9 @@ found no instruction set shipped inside a PyPI package to use instead).
 With SAFE's defaults the adapters of the bottom fifteenth of SmolLM2's 30 blocks (2) freeze before
 the first step, and with gradient checkpointing on (``--gradient-checkpointing``: TRL's own default,
 which this example leaves off unless asked) the callback takes it over so that those blocks are
-neither stored nor recomputed (tests/integrations/test_trl.py checks it step by step). On this instruction data that costs eval
-loss (BENCHMARKS.md, "The freezing frontier"): ``--no-safe`` gives the run to compare with.
+neither stored nor recomputed (tests/integrations/test_trl.py checks it step by step). On this
+instruction data that costs eval loss (BENCHMARKS.md, "The freezing frontier"): ``--no-safe`` gives
+the run to compare with.
 """
 
 from __future__ import annotations
