@@ -46,6 +46,7 @@ HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results" / "frontier"
 LOWER_IS_BETTER = {"perplexity", "loss"}
 BUILTIN = ("default", "paper", "freezeout", "random")
+ADDED_SETTINGS = {"bottom_at": "auto"}  # SafeConfig settings newer than committed rows, at their default
 COSTS = ("activation_bytes_mean", "flops_per_step_mean", "seconds_per_step_median")  # a run's, compared with LoRA's
 FIELDS = (
     "tag", "seed", "name", "k", "t", "metric", "score", "delta", "memory", "flops", "time", "frozen_units", "prefix",
@@ -65,11 +66,14 @@ class Grid:
     def __init__(self, tag: str) -> None:
         self.tag = tag
         self.path = HERE / "frontier" / f"{tag}.csv"
-        self.rows: dict[tuple[int, str], dict] = {}
-        if self.path.exists():
-            with open(self.path, newline="") as file:
-                for row in csv.DictReader(file):
-                    self.rows[(int(row["seed"]), row["name"])] = row
+        self.rows: dict[tuple[int, str], dict] = self.committed()
+
+    def committed(self) -> dict[tuple[int, str], dict]:
+        """The rows in the file now, by (seed, name)."""
+        if not self.path.exists():
+            return {}
+        with open(self.path, newline="") as file:
+            return {(int(row["seed"]), row["name"]): row for row in csv.DictReader(file)}
 
     def row(self, name: str, k, t, config: TrainConfig, safe: SafeConfig, lora: dict | None) -> dict:
         """``name``'s row for ``config``'s seed, against ``lora`` (LoRA's row of that seed; None: this is LoRA)."""
@@ -90,6 +94,9 @@ class Grid:
         return kept is not None and kept.get("identity") == fingerprint(config, safe)
 
     def write(self) -> None:
+        """The file with this grid's rows added to those in it now: another grid of the same tag running beside
+        this one (two cells at a time) keeps the rows it wrote since this one started."""
+        self.rows = {**self.committed(), **self.rows}
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "w", newline="") as file:
             writer = csv.DictWriter(file, FIELDS, extrasaction="ignore")
@@ -103,10 +110,17 @@ class Grid:
 
 def fingerprint(config: TrainConfig, safe: SafeConfig) -> str:
     """A short hash of what makes two runs the same run (``run_identity``): a changed default changes it. A
-    reference run (``random``'s) is named relative to this folder, so a checkout elsewhere finds the same rows."""
+    reference run (``random``'s) is named relative to this folder, so a checkout elsewhere finds the same rows.
+    Settings added after rows were committed (``ADDED_SETTINGS``) count only when set: the rows hold."""
     if config.reference:
         config = replace(config, reference=os.path.relpath(config.reference, HERE))
-    text = json.dumps(run_identity(config, safe), sort_keys=True, default=str)
+    identity = run_identity(config, safe)
+    if identity["safe_config"] is not None:
+        settings = identity["safe_config"]
+        for name, default in ADDED_SETTINGS.items():
+            if settings.get(name) == default:
+                del settings[name]
+    text = json.dumps(identity, sort_keys=True, default=str)
     return hashlib.sha1(text.encode()).hexdigest()[:12]
 
 

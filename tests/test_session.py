@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from safefreeze import SafeConfig, SafeSession
-from safefreeze.core.config import ConfigError
+from safefreeze.core.config import LONG_RUN_STEPS, ConfigError
 from safefreeze.core.decisions import PlannedStrategy
 from safefreeze.core.freezer import SafeFreezer
 from safefreeze.core.probe import probe_order
@@ -79,6 +79,36 @@ def test_the_default_freezes_the_bottom_share_before_the_first_step_and_scores_n
     frozen = [p for u in session.units[:1] for m in u.modules.values() for p in m.parameters()]
     assert frozen and not any(p.requires_grad for p in frozen)
     assert session.end() is None  # it froze by design: nothing to explain
+
+
+def test_a_long_run_trains_every_adapter_then_freezes_the_bottom_blocks(lora_minilm, trec_batch):
+    """On an encoder's run of LONG_RUN_STEPS or more the default freezes nothing before the first step and plans its
+    bottom 5/6 for half the run. The same rule on 4 steps (``bottom_at=0.5``, half the blocks): blocks 0-2 train at
+    steps 1-2 (their LoRA B leaves zero), freeze after step 2 and stay exactly as they were while blocks 3-5 train on;
+    the event is the freezer's own, recorded like a scored one."""
+    long = SafeSession(lora_minilm(), SafeConfig(), total_steps=LONG_RUN_STEPS)
+    assert long.frozen_prefix() == 0 and long.freezer.events == []
+    assert long.freezer.strategy.plan == {LONG_RUN_STEPS // 2: tuple(f"block.{i}" for i in range(5))}
+    assert [step for step in range(1, LONG_RUN_STEPS + 1) if long.freezer.is_due(step)] == [LONG_RUN_STEPS // 2]
+    with pytest.raises(ConfigError, match="bottom_at 0.5 is a share of the run, whose length is not known here"):
+        SafeFreezer(lora_minilm(), SafeConfig(bottom_at=0.5))
+
+    model = lora_minilm()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    session = SafeSession(model, SafeConfig(bottom_share=0.5, bottom_at=0.5), optimizer, total_steps=4)
+    batches = [trec_batch(8, offset=8 * i) for i in range(4)]
+    events = _own_loop(model, session, batches[:2], optimizer)
+    assert [event.step for event in events] == [2] and events[0].frozen_prefix == 3
+    assert session.freezer.frozen == {"block.0": 2, "block.1": 2, "block.2": 2}
+
+    def lora_b(names) -> list[torch.Tensor]:
+        return [m.lora_B["default"].weight.detach().clone() for n in names for m in _unit(session, n).modules.values()]
+
+    at_freeze, top = lora_b(session.freezer.frozen), lora_b(["block.3", "block.4", "block.5"])
+    assert all(b.abs().sum() > 0 for b in at_freeze)  # they learned before they froze
+    _own_loop(model, session, batches[2:], optimizer)
+    assert all(torch.equal(a, b) for a, b in zip(at_freeze, lora_b(session.freezer.frozen), strict=True))
+    assert all(not torch.equal(a, b) for a, b in zip(top, lora_b(["block.3", "block.4", "block.5"]), strict=True))
 
 
 def test_a_warm_up_longer_than_the_run_is_refused_on_every_path(lora_minilm):

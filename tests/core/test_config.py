@@ -2,7 +2,15 @@ import math
 
 import pytest
 
-from safefreeze.core.config import AUTO, DECODER_TRAINABLE_SHARE, DEFAULT_BOTTOM_SHARE, ConfigError, SafeConfig
+from safefreeze.core.config import (
+    AUTO,
+    DECODER_TRAINABLE_SHARE,
+    DEFAULT_BOTTOM_SHARE,
+    LONG_RUN_BOTTOM,
+    LONG_RUN_STEPS,
+    ConfigError,
+    SafeConfig,
+)
 from safefreeze.core.freezer import SafeFreezer
 from safefreeze.training.models import add_lora
 
@@ -102,8 +110,35 @@ def test_bottom_refuses_the_scored_settings_and_a_scored_policy_bottom_share(tin
     with pytest.raises(ConfigError, match="tau, score_every only matter to the scored policies; with policy 'bottom'"):
         SafeConfig(policy="bottom", tau=0.3, score_every=2)
     decoder = add_lora(tiny_llama(num_hidden_layers=2), "causal_lm", 4, 8, 0.0)
-    with pytest.raises(ConfigError, match="bottom_share is the bottom policy's share .* the policy is 'prefix'"):
-        SafeConfig(tau=0.3, bottom_share=0.5).for_model(decoder)
+    for setting in ("bottom_share", "bottom_at"):
+        with pytest.raises(
+            ConfigError, match=f"{setting} sets the bottom policy's frozen blocks, .* policy is 'prefix'"
+        ):
+            SafeConfig(tau=0.3, **{setting: 0.5}).for_model(decoder)
+    with pytest.raises(ConfigError, match=r"bottom_at must be in \[0, 1\) \(a share of the run's steps\)"):
+        SafeConfig(bottom_at=1.0)
+
+
+def test_the_default_learns_then_freezes_on_an_encoders_long_run(lora_minilm, tiny_llama):
+    """``bottom`` ``auto`` follows the run's length (BENCHMARKS.md, "Long runs"): below LONG_RUN_STEPS, or with the
+    length unknown, an encoder's bottom sixth freezes before the first step; from LONG_RUN_STEPS on its bottom 5/6
+    train for half the run and then freeze. A decoder-only LM has no long-run measurement: its default stays."""
+    encoder, decoder = lora_minilm(), add_lora(tiny_llama(num_hidden_layers=2), "causal_lm", 4, 8, 0.0)
+    short = (DEFAULT_BOTTOM_SHARE["encoder"], 0.0)
+    for steps in (None, 1, LONG_RUN_STEPS - 1):
+        resolved = SafeConfig().resolve(encoder, steps)
+        assert (resolved.bottom_share, resolved.bottom_at) == short, steps
+    for steps in (LONG_RUN_STEPS, 10 * LONG_RUN_STEPS):
+        resolved = SafeConfig().resolve(encoder, steps)
+        assert (resolved.bottom_share, resolved.bottom_at) == LONG_RUN_BOTTOM["encoder"] == (5 / 6, 0.5)
+        assert resolved.resolve(encoder, steps) == resolved  # resolving again changes nothing
+        assert SafeConfig().resolve(decoder, steps).bottom_at == 0.0
+    # Each auto resolves on its own: a share the user gives freezes at the long run's step, and the other way round.
+    given = SafeConfig(bottom_share=0.5).resolve(encoder, LONG_RUN_STEPS)
+    assert (given.bottom_share, given.bottom_at) == (0.5, 0.5)
+    given = SafeConfig(bottom_at=0.0).resolve(encoder, LONG_RUN_STEPS)
+    assert (given.bottom_share, given.bottom_at) == (5 / 6, 0.0)
+    assert SafeConfig.from_dict(SafeConfig(bottom_at=0.25).to_dict()).bottom_at == 0.25
 
 
 def test_auto_min_trainable_keeps_a_share_of_a_decoder_and_one_unit_of_an_encoder(lora_minilm, tiny_llama):

@@ -74,7 +74,7 @@ def test_safe_state_sits_beside_the_adapter(run, trec_batch):
     state = read_state(run["out"] / "adapter")
     assert (run["out"] / "adapter" / STATE_NAME).exists()
     assert state["frozen"] == freezer.frozen and len(state["frozen"]) == 5
-    resolved = {"policy": "threshold", "tau": 1.0, "min_trainable": 1, "bottom_share": None}  # for MiniLM
+    resolved = {"policy": "threshold", "tau": 1.0, "min_trainable": 1, "bottom_share": None, "bottom_at": None}
     assert state["config"] == {**SAFE.to_dict(), **resolved}
     assert state["history"] == freezer.history
     assert state["unit_modules"]["block.2"]["block"] == 2

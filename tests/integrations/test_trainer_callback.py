@@ -157,6 +157,31 @@ def test_a_run_that_froze_no_bottom_block_says_why_at_train_end(
     assert "set SafeConfig(tau=...) above" in caplog.text  # worded as a Trainer user sets it
 
 
+def test_the_bottom_rule_freezes_at_its_share_of_the_trainers_steps(
+    lora_classifier, classifier_trainer, trec_examples, tmp_path
+):
+    """``bottom_at`` is a share of the Trainer's own ``max_steps``: half of 6 is step 3. Until then the run is plain
+    LoRA's, loss for loss; after it blocks 0-2 (half the blocks) keep the weights they learned, every step keeps its
+    loss record, and the event rides on step 3's record."""
+    safe = SafeCallback(SafeConfig(bottom_share=0.5, bottom_at=0.5))
+    snapshots = FreezeSnapshots(safe)
+    runs = {}
+    for name, callbacks in (("safe", [safe, snapshots]), ("plain", [])):
+        trainer = classifier_trainer(lora_classifier(), trec_examples[:48], tmp_path / name, callbacks, logging_steps=1)
+        trainer.train()
+        runs[name] = [record for record in trainer.state.log_history if "loss" in record]
+    assert safe.freezer.frozen == {"block.0": 3, "block.1": 3, "block.2": 3}
+    assert [r["step"] for r in runs["safe"]] == [r["step"] for r in runs["plain"]] == [1, 2, 3, 4, 5, 6]
+    assert [r["loss"] for r in runs["safe"][:3]] == [r["loss"] for r in runs["plain"][:3]]
+    assert [r.get("safe/event_step") for r in runs["safe"]] == [None, None, 3, None, None, None]
+    assert all(r["grad_norm"] > 0 for r in runs["safe"])
+    for unit in safe.freezer.units:
+        if unit.name in safe.freezer.frozen:
+            learned = snapshots.at_freeze[unit.name]
+            assert all(p.abs().sum() > 0 for p in learned)  # B left zero: the block trained before it froze
+            assert all(torch.equal(a, b) for a, b in zip(learned, unit.parameters(), strict=True))
+
+
 def test_save_model_writes_safe_state_beside_the_adapter(trained):
     freezer = trained["safe"].freezer
     final = trained["out"] / "final"

@@ -2,14 +2,18 @@
 
 Two kinds of rule decide which adapters freeze (core/policy.py):
 
-- ``bottom``, the default: the adapters of the bottom share of the blocks freeze before the
-  first step and nothing is scored. It is where the freezing frontier lies (BENCHMARKS.md, "The
-  freezing frontier"): over every cell "freeze the bottom k blocks at step t", the cells with
-  t = 0 save the most for the score they cost, and no importance signal told which k a task
-  tolerates. ``bottom_share`` ``"auto"`` is the largest share that cost little on the measured
-  tasks, per model kind (``DEFAULT_BOTTOM_SHARE``): a sixth of an encoder's blocks (MiniLM: within
-  0.3 point of LoRA), a fifteenth of a decoder's (SmolLM2: 2 of 30 blocks, +0.1–0.55 % perplexity;
-  5 of 30 cost +0.8–1.8 %).
+- ``bottom``, the default: the adapters of the bottom ``bottom_share`` of the blocks freeze at
+  ``bottom_at`` of the run and nothing is scored. It is where the freezing frontier lies
+  (BENCHMARKS.md, "The freezing frontier" and "Long runs"): over every cell "freeze the bottom k
+  blocks at step t" of runs up to about an epoch, the cells with t = 0 save the most for the score
+  they cost, and no importance signal told which k a task tolerates; ``"auto"`` there is the
+  largest share that cost little on the measured tasks, per model kind (``DEFAULT_BOTTOM_SHARE``):
+  a sixth of an encoder's blocks (MiniLM: within 0.3 point of LoRA), a fifteenth of a decoder's
+  (SmolLM2: 2 of 30 blocks, +0.1–0.55 % perplexity; 5 of 30 cost +0.8–1.8 %), before the first
+  step. On an encoder's runs of ``LONG_RUN_STEPS`` or more (several epochs) the frontier is
+  elsewhere: every adapter trains for half the run, then the bottom 5/6 of the blocks freeze
+  (``LONG_RUN_BOTTOM``), which lost no score where freezing as many from step 0 lost most; no
+  decoder has been measured that long, so a decoder keeps its short-run default.
 - the scored rules (``SCORED_POLICIES``): SAFE as the paper states it (``threshold`` on
   1 − CKA, a threshold rising to τ on a cubic schedule over a warm-up), and ``resource`` and
   ``prefix``, which prefer units whose freezing shortens backward. ``SafeConfig.paper()`` is
@@ -49,6 +53,8 @@ MODEL_KINDS = (AUTO, "decoder", "encoder")  # model_kind: which defaults a model
 DEFAULT_TAU = {"threshold": 0.1, "resource": 0.1, "prefix": 0.3}  # tau "auto", per policy (module docstring)
 DECODER_TRAINABLE_SHARE = 0.5  # min_trainable "auto" on a decoder: this share of the units never freezes (docstring)
 DEFAULT_BOTTOM_SHARE = {"encoder": 1 / 6, "decoder": 1 / 15}  # bottom_share "auto", per model kind (docstring)
+LONG_RUN_STEPS = 2000  # from this many optimizer steps on, a run is long: bottom "auto" learns, then freezes
+LONG_RUN_BOTTOM = {"encoder": (5 / 6, 0.5)}  # (bottom_share, bottom_at) "auto" on a long run, per model kind
 # Settings only the scored policies read: with policy "auto", setting one of them selects the scored rule.
 SCORED_SETTINGS = (
     "tau",
@@ -162,8 +168,8 @@ class SafeConfig:
     policy: str = field(
         default=AUTO,
         metadata={
-            "help": "which units freeze: 'bottom' (those of the bottom --bottom-share of the blocks, before the "
-            "first step; nothing is scored), 'threshold' (the paper's: every unit scoring under the threshold), "
+            "help": "which units freeze: 'bottom' (those of the bottom --bottom-share of the blocks, at --bottom-at "
+            "of the run; nothing is scored), 'threshold' (the paper's: every unit scoring under the threshold), "
             "'resource' (favour extending the frozen prefix) or 'prefix' (bottom-up only: stop at the first unit "
             f"above the threshold); '{AUTO}': bottom, unless a setting of the scored rules (--tau, the warm-up, "
             "the cadence, --importance ...) is given: then prefix on a decoder-only LM, threshold on an encoder"
@@ -173,8 +179,20 @@ class SafeConfig:
         default=AUTO,
         metadata={
             "help": "policy bottom: the share of the blocks, counted from the input and rounded up, whose adapters "
-            f"freeze before the first step; '{AUTO}': {Fraction(DEFAULT_BOTTOM_SHARE['encoder']).limit_denominator()} "
-            f"on an encoder, {Fraction(DEFAULT_BOTTOM_SHARE['decoder']).limit_denominator()} on a decoder-only LM"
+            f"freeze (at --bottom-at); '{AUTO}': {Fraction(DEFAULT_BOTTOM_SHARE['encoder']).limit_denominator()} "
+            f"on an encoder ({Fraction(LONG_RUN_BOTTOM['encoder'][0]).limit_denominator()} on its runs of "
+            f"{LONG_RUN_STEPS:,} steps or more), {Fraction(DEFAULT_BOTTOM_SHARE['decoder']).limit_denominator()} on a "
+            "decoder-only LM"
+        },
+    )
+    bottom_at: float | str = field(
+        default=AUTO,
+        metadata={
+            "help": "policy bottom: when the bottom blocks' adapters freeze, as a share of the run's steps (0: before "
+            f"the first step, 0.5: after half the run, every adapter having trained until then); '{AUTO}': "
+            f"{LONG_RUN_BOTTOM['encoder'][1]:g} on an encoder's runs of {LONG_RUN_STEPS:,} steps or more "
+            f"(bottom_share 'auto' is then {Fraction(LONG_RUN_BOTTOM['encoder'][0]).limit_denominator()}), "
+            "0 on shorter runs and on a decoder-only LM"
         },
     )
     model_kind: str = field(
@@ -219,6 +237,10 @@ class SafeConfig:
             not _is_number(self.bottom_share) or not 0.0 <= self.bottom_share <= 1.0
         ):
             raise ConfigError(f"bottom_share must be in [0, 1] or '{AUTO}', got {self.bottom_share!r}")
+        if self.bottom_at not in (AUTO, None) and (not _is_number(self.bottom_at) or not 0.0 <= self.bottom_at < 1.0):
+            raise ConfigError(
+                f"bottom_at must be in [0, 1) (a share of the run's steps) or '{AUTO}', got {self.bottom_at!r}"
+            )
         if self.policy == "bottom" and self.scored_settings():
             raise ConfigError(
                 f"{', '.join(self.scored_settings())} only matter to the scored policies; with policy 'bottom' "
@@ -249,18 +271,20 @@ class SafeConfig:
         cubic schedule freezes, one unit always trainable; ``settings`` override any of it."""
         return cls(**{"policy": "threshold", "tau": 0.1, "importance": "cka", "min_trainable": 1, **settings})
 
-    def for_model(self, model: nn.Module) -> SafeConfig:
-        """This configuration with ``policy``, ``tau``, ``min_trainable`` and ``bottom_share`` decided for ``model``.
+    def for_model(self, model: nn.Module, total_steps: int | None = None) -> SafeConfig:
+        """This configuration with ``policy``, ``tau``, ``min_trainable``, ``bottom_share`` and ``bottom_at`` decided
+        for ``model`` and a run of ``total_steps`` optimizer steps (None: not known, decided as for a short run).
 
         ``policy`` ``auto`` is ``bottom`` unless scored settings are given; then a decoder-only LM
         (``units.is_decoder_only`` of ``model.config``, or ``model_kind="decoder"``) gets ``prefix`` and an
         encoder ``threshold``. A decoder keeps ``DECODER_TRAINABLE_SHARE`` of its units (of ``granularity``, found
         on ``model``) trainable, anything else one. ``tau`` comes from ``DEFAULT_TAU`` for a scored policy and is
-        None under ``bottom`` (nothing is compared with it); ``bottom_share`` from ``DEFAULT_BOTTOM_SHARE`` under
-        ``bottom`` and None otherwise. The cadence and smoothing stay ``auto``: they depend on the run's length.
+        None under ``bottom`` (nothing is compared with it); ``bottom_share`` and ``bottom_at`` from
+        ``bottom_defaults`` under ``bottom`` and None otherwise. The cadence and smoothing stay ``auto``: they depend
+        on the warm-up (``resolve``).
 
         Raises:
-            ConfigError: ``bottom_share`` given with a scored policy.
+            ConfigError: ``bottom_share`` or ``bottom_at`` given with a scored policy.
         """
         auto = self.model_kind == AUTO
         decoder = is_decoder_only(getattr(model, "config", None)) if auto else self.model_kind == "decoder"
@@ -268,22 +292,25 @@ class SafeConfig:
         policy = self.policy
         if policy == AUTO:
             policy = ("prefix" if decoder else "threshold") if self.scored_settings() else "bottom"
-        if policy != "bottom" and self.bottom_share not in (AUTO, None):
-            raise ConfigError(
-                f"bottom_share is the bottom policy's share of frozen blocks, but the policy is {policy!r}: "
-                "drop bottom_share, or set policy 'bottom' without the scored settings"
-            )
+        for name in ("bottom_share", "bottom_at"):
+            if policy != "bottom" and getattr(self, name) not in (AUTO, None):
+                raise ConfigError(
+                    f"{name} sets the bottom policy's frozen blocks, but the policy is {policy!r}: "
+                    f"drop {name}, or set policy 'bottom' without the scored settings"
+                )
         min_trainable = self.min_trainable
         if min_trainable == AUTO:
             units = len(find_units(model, self.granularity)) if decoder else 0
             min_trainable = max(1, math.ceil(DECODER_TRAINABLE_SHARE * units))
         if policy == "bottom":
             tau = None
-            share = DEFAULT_BOTTOM_SHARE[kind] if self.bottom_share == AUTO else self.bottom_share
+            share, at = bottom_defaults(kind, total_steps)
+            share = share if self.bottom_share == AUTO else self.bottom_share
+            at = at if self.bottom_at == AUTO else self.bottom_at
         else:
             tau = DEFAULT_TAU[policy] if self.tau in (AUTO, None) else self.tau
-            share = None
-        return replace(self, policy=policy, tau=tau, min_trainable=min_trainable, bottom_share=share)
+            share = at = None
+        return replace(self, policy=policy, tau=tau, min_trainable=min_trainable, bottom_share=share, bottom_at=at)
 
     def resolve_warmup(self, total_steps: int | None) -> int:
         """Warm-up length in optimizer steps: ``warmup_steps`` if set, else ``warmup_ratio · total_steps``."""
@@ -315,7 +342,7 @@ class SafeConfig:
         Raises:
             ConfigError: the warm-up is longer than the run.
         """
-        config = self.for_model(model)
+        config = self.for_model(model, total_steps)
         if config.policy == "bottom":  # nothing is scored: no warm-up, cadence or smoothing to decide
             return config
         warmup = config.resolve_warmup(total_steps)
@@ -346,6 +373,15 @@ class SafeConfig:
                 hint = f"; did you mean {close[0]!r}?" if close else f"; known settings: {', '.join(known)}"
                 raise ConfigError(f"unknown SAFE setting {key!r}{hint}")
         return cls(**data)
+
+
+def bottom_defaults(kind: str, total_steps: int | None) -> tuple[float, float]:
+    """``(bottom_share, bottom_at)`` of the ``bottom`` policy's ``auto`` for a model of ``kind`` ("encoder" or
+    "decoder") and a run of ``total_steps`` steps: ``LONG_RUN_BOTTOM[kind]`` from ``LONG_RUN_STEPS`` on, where the
+    kind has a long-run entry; else ``DEFAULT_BOTTOM_SHARE[kind]`` before the first step (module docstring)."""
+    if total_steps is not None and total_steps >= LONG_RUN_STEPS and kind in LONG_RUN_BOTTOM:
+        return LONG_RUN_BOTTOM[kind]
+    return DEFAULT_BOTTOM_SHARE[kind], 0.0
 
 
 def _is_int(value) -> bool:

@@ -27,8 +27,8 @@ anything itself: freezing is the freezer's, one code path for every strategy.
   scored on the fixed ``probe`` batch instead, run in eval mode without grad
   (``scoring_mode``). On the same batch in the same mode both give the same importance.
 - ``PlannedStrategy`` freezes the units of ``plan[t]`` at step ``t`` and measures nothing:
-  the ``bottom`` policy (its units at step 0, which means before the first step) and the
-  freezing baselines (training/baselines.py).
+  the ``bottom`` policy (its units at step ``round(bottom_at · T)``; step 0 means before the
+  first step) and the freezing baselines (training/baselines.py).
 
 ``strategy_for`` picks the one a configuration asks for.
 
@@ -46,7 +46,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from safefreeze.core.config import SafeConfig
+from safefreeze.core.config import ConfigError, SafeConfig
 from safefreeze.core.gradients import GradientCapture, change_rates
 from safefreeze.core.policy import bottom_plan, choose_units
 from safefreeze.core.quantization import scoring_mode
@@ -282,9 +282,20 @@ def strategy_for(
     probe: dict[str, torch.Tensor] | None = None,
     total_steps: int | None = None,
 ) -> ScoredStrategy | PlannedStrategy:
-    """The strategy ``config``'s policy (decided for ``model``) uses: the ``bottom`` units planned at step 0, or
-    SAFE's scored decisions (``probe`` and ``total_steps`` as ``ScoredStrategy`` takes them)."""
-    config = config.for_model(model)
+    """The strategy ``config``'s policy (decided for ``model`` and the run) uses: the ``bottom`` units planned at
+    step ``round(bottom_at · total_steps)`` (0: before the first step), or SAFE's scored decisions (``probe`` and
+    ``total_steps`` as ``ScoredStrategy`` takes them).
+
+    Raises:
+        ConfigError: ``bottom_at`` above 0 without the run's length.
+    """
+    config = config.for_model(model, total_steps)
     if config.policy == "bottom":
-        return PlannedStrategy({0: bottom_plan(units, config.bottom_share, config.min_trainable)}, units)
+        if config.bottom_at and total_steps is None:
+            raise ConfigError(
+                f"bottom_at {config.bottom_at} is a share of the run, whose length is not known here: "
+                "pass total_steps, or set bottom_at 0"
+            )
+        step = round(config.bottom_at * total_steps) if config.bottom_at else 0
+        return PlannedStrategy({step: bottom_plan(units, config.bottom_share, config.min_trainable)}, units)
     return ScoredStrategy(model, config, units, probe, total_steps)

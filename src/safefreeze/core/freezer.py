@@ -199,7 +199,7 @@ class SafeFreezer:
                 "give them to the strategy (or use SafeSession)"
             )
         self.model = model
-        self.config = config.for_model(model)  # policy and tau decided for this model where "auto"
+        self.config = config.for_model(model, total_steps)  # "auto" decided for this model and run
         self.optimizer = optimizer
         self.probe = probe
         self.units: list[AdapterUnit] = units if units is not None else find_units(model, config.granularity)

@@ -28,10 +28,11 @@ unit is below its bar or ``budget`` units are frozen. With λ = 0 every bar is `
 policy freezes exactly what ``threshold`` freezes.
 
 ``bottom`` (the default; ours, after AdapterDrop): the units of the bottom ``⌈share·L⌉`` of the L
-blocks freeze before the first step, and nothing is scored. Measured against every cell of the
-freezing frontier (freeze the bottom k blocks at step t, BENCHMARKS.md), the cells that freeze at
-step 0 were the frontier on every task: for the same k a later freeze costs as much and saves
-less, and no importance signal predicted which k a task tolerates (``bottom_plan``).
+blocks freeze at one planned step (``bottom_at`` of the run; 0: before the first step), and nothing
+is scored. Measured against every cell of the freezing frontier (freeze the bottom k blocks at step
+t, BENCHMARKS.md), the cells that freeze at step 0 were the frontier on runs up to an epoch, and
+on long runs those that freeze at half the run; no importance signal predicted which k a task
+tolerates (``bottom_plan``; config.py says what ``auto`` resolves to).
 
 ``prefix`` (ours, beyond the paper): freeze bottom-up only. Going up from the lowest trainable
 unit, each unit below ``T(t)`` freezes; the first one that is not stops the pass. Only a frozen

@@ -49,6 +49,8 @@ def build_report(run: Run, evaluation: dict[str, float], why_no_saving: str | No
             "policy": freezer.config.policy if freezer else None,  # "auto" decided for the model (SafeConfig.for_model)
             "tau": freezer.config.tau if freezer else None,
             "min_trainable": freezer.config.min_trainable if freezer else None,
+            "bottom_share": freezer.config.bottom_share if freezer else None,  # policy bottom's, decided for the run
+            "bottom_at": freezer.config.bottom_at if freezer else None,
             "total_units": len(run.session.units),
             "trainable_parameters_end": accounting.trainable_parameters(model),
             "optimizer_state_bytes_end": accounting.optimizer_state_bytes(run.optimizer),
