@@ -115,14 +115,18 @@ def markdown(points: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def place(point: dict) -> tuple[int, float]:
+    """Where a point sits in its task's rows: LoRA, then the cells by increasing saving, then the rules."""
+    kind = 0 if point["k"] == "0" else 2 if point["k"] == "" else 1
+    return kind, -point["memory"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.parse_args()
     points = []
     for task, tag in TASKS.items():
-        mine = points_of(task, tag)
-        order = {"": 2}  # cells by saving, then the rules
-        points += sorted(mine, key=lambda p: (order.get(p["k"], 1 if p["k"] != "0" else 0), -p["memory"]))
+        points += sorted(points_of(task, tag), key=place)
     path = HERE / "long-runs.csv"
     with path.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, FIELDS, extrasaction="ignore")
