@@ -220,10 +220,9 @@ class SafeSession:
         """Call after optimizer step ``step``: the freeze event it made (re-planning checkpointing), or None.
         The step's measurement (``step_peak``) ends before the decision."""
         self._stop_measuring()
-        if self.freezer is None or not self.freezer.is_due(step):
-            return None
-        event = self.freezer.step(step)
-        self.plan.follow(self.model, event, self.optimizer)
+        event = self.freezer.step(step) if self.freezer is not None else None  # every step: the freezer counts them
+        if event is not None:
+            self.plan.follow(self.model, event, self.optimizer)
         return event
 
     def _stop_measuring(self) -> None:

@@ -382,6 +382,21 @@ def test_why_no_saving_is_silent_for_planned_baselines(lora_minilm):
     assert freezer.why_no_saving() is None
 
 
+def test_why_no_saving_names_a_planned_freeze_the_run_stopped_before(lora_minilm):
+    """``bottom_at`` 0.5 of 8 steps plans the freeze at step 4: stopped after step 3 the run saved nothing, and the
+    line says which step it missed and what to set; once step 4 has run there is nothing to explain."""
+    freezer = SafeFreezer(lora_minilm(), SafeConfig(bottom_share=0.5, bottom_at=0.5), total_steps=8)
+    for step in (1, 2, 3):
+        assert freezer.step(step) is None
+    assert freezer.why_no_saving().sentence(flag) == (
+        "SAFE froze nothing: the run ended after step 3, before the freeze planned at step 4 (--bottom-at of the "
+        "run's length), so no memory was saved; give the run's real length (total_steps, max_steps) or set "
+        "--bottom-at 0 to freeze from the start"
+    )
+    assert freezer.step(4).frozen_now == ("block.0", "block.1", "block.2")
+    assert freezer.why_no_saving() is None
+
+
 def _hooks(model):
     return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
 

@@ -182,6 +182,31 @@ def test_the_bottom_rule_freezes_at_its_share_of_the_trainers_steps(
             assert all(torch.equal(a, b) for a, b in zip(learned, unit.parameters(), strict=True))
 
 
+class StopAfter(TrainerCallback):
+    """Ends training after ``step`` as early stopping does (``control.should_training_stop``)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        control.should_training_stop = state.global_step >= self.step
+
+
+def test_a_run_stopped_before_its_planned_freeze_says_it_saved_nothing(
+    lora_classifier, classifier_trainer, trec_examples, tmp_path, caplog
+):
+    """The freeze is planned at step 3 of 6; a run stopped after step 2 froze nothing, and says so at train end."""
+    safe = SafeCallback(SafeConfig(bottom_share=0.5, bottom_at=0.5))
+    trainer = classifier_trainer(lora_classifier(), trec_examples[:48], tmp_path, [safe, StopAfter(2)])
+    with caplog.at_level("WARNING", logger="safefreeze.integrations.trainer"):
+        trainer.train()
+    assert trainer.state.global_step == 2 and not safe.freezer.frozen
+    assert (
+        "SAFE froze nothing: the run ended after step 2, before the freeze planned at step 3 "
+        "(SafeConfig(bottom_at=...) of the run's length), so no memory was saved" in caplog.text
+    )
+
+
 def test_save_model_writes_safe_state_beside_the_adapter(trained):
     freezer = trained["safe"].freezer
     final = trained["out"] / "final"

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from safefreeze.core.config import ConfigError, SafeConfig
-from safefreeze.core.decisions import Decision, DecisionStrategy, strategy_for
+from safefreeze.core.decisions import Decision, DecisionStrategy, PlannedStrategy, strategy_for
 from safefreeze.core.merge import check_mergeable, merge_unit, unmerge_unit
 from safefreeze.core.policy import frozen_prefix
 from safefreeze.core.quantization import check_trainable
@@ -74,21 +74,24 @@ class NoSaving:
 
     ``reason`` is ``"above_bar"`` (the unit in the way scored at or above the threshold),
     ``"min_trainable"`` (units under the bar, all held back to keep ``min_trainable`` trainable),
-    ``"one_reading"`` (one measurement under smoothing: it only starts the average) or
-    ``"not_bottom"`` (units froze, but not the bottom block's, so backward is no shorter).
-    ``unit`` stands in the way (``which`` says how it was picked), with its last ``score``
-    against ``threshold`` at ``step``; ``frozen`` of ``units`` froze. ``sentence`` words it.
+    ``"one_reading"`` (one measurement under smoothing: it only starts the average),
+    ``"not_bottom"`` (units froze, but not the bottom block's, so backward is no shorter) or
+    ``"not_reached"`` (a planned freeze, ``bottom_at`` of the run, lies after the run's last ``step``:
+    stopped early, or a ``total_steps`` longer than the run). ``unit`` stands in the way (``which`` says
+    how it was picked), with its last ``score`` against ``threshold`` at ``step``; ``frozen`` of ``units``
+    froze. ``sentence`` words it.
     """
 
     reason: str
     step: int
-    threshold: float
     frozen: int
     units: int
-    unit: str
-    score: float
+    threshold: float | None = None
+    unit: str = ""
+    score: float | None = None
     which: str = ""
     min_trainable: int = 0
+    planned_step: int | None = None
 
     def sentence(self, option: Callable[[str], str] = str) -> str:
         """One line for the user; ``option`` spells a ``SafeConfig`` field the way they set it (CLI: ``--tau``).
@@ -96,6 +99,12 @@ class NoSaving:
         Advice names only settings that exist and values they take: a unit scoring 1 (the top unit)
         is beyond any ``tau`` in [0, 1], and the line says so instead of asking for one.
         """
+        if self.reason == "not_reached":
+            return (
+                f"SAFE froze nothing: the run ended after step {self.step}, before the freeze planned at step "
+                f"{self.planned_step} ({option('bottom_at')} of the run's length), so no memory was saved; give the "
+                f"run's real length (total_steps, max_steps) or set {option('bottom_at')} 0 to freeze from the start"
+            )
         tau = option("tau")
         raise_tau = f"set {tau} above {self.score:.3f}" if self.score < 1.0 else f"no {tau} in [0, 1] freezes it"
         if self.reason == "not_bottom":
@@ -209,6 +218,7 @@ class SafeFreezer:
         self.merged: set[str] = set()  # frozen units folded into their base weights (merge_frozen)
         self.history: dict[str, list[list[float]]] = {unit.name: [] for unit in self.units}
         self.events: list[FreezeEvent] = []
+        self.last_step = 0  # the last optimizer step the loop reported (``step``)
         if config.merge_frozen:
             check_mergeable(self.units)
         check_trainable(model)
@@ -239,6 +249,7 @@ class SafeFreezer:
 
     def step(self, global_step: int) -> FreezeEvent | None:
         """Call after optimizer step ``global_step`` (1-based): the event it made, or None when not due."""
+        self.last_step = global_step
         return self._decide(global_step) if self.is_due(global_step) else None
 
     def freeze(self, names: list[str], global_step: int) -> FreezeEvent:
@@ -349,8 +360,9 @@ class SafeFreezer:
     def why_no_saving(self) -> NoSaving | None:
         """Why the decisions so far shorten no backward pass, and what would change that (``NoSaving``).
 
-        None when a bottom block is frozen (backward stops above it), or when nothing was scored
-        (a planned baseline). Otherwise it names the unit that stands in the way at the last
+        None when a bottom block is frozen (backward stops above it), or when nothing was scored and
+        nothing planned is left (a planned baseline); a plan whose first freeze lies after the last step
+        is named as such (the run stopped before it). Otherwise it names the unit that stands in the way at the last
         measurement — the lowest one under the prefix policy, the least important one otherwise when
         nothing froze, the bottom block's top unit when units froze elsewhere — with its score against
         the threshold. A warm-up with a single reading under smoothing decided nothing for that reason
@@ -360,6 +372,13 @@ class SafeFreezer:
             return None
         scored = [event for event in self.events if event.threshold is not None and event.scores]
         if not scored:
+            own_plan = isinstance(self.strategy, PlannedStrategy) and self.config.bottom_at  # not a baseline's
+            planned = self.strategy.plan if own_plan else {}
+            ahead = [step for step in planned if step > self.last_step]
+            if ahead and not self.frozen:
+                return NoSaving(
+                    "not_reached", step=self.last_step, frozen=0, units=len(self.units), planned_step=min(ahead)
+                )
             return None
         last, trainable = scored[-1], self.trainable_units
         common = {"step": last.step, "threshold": last.threshold, "frozen": len(self.frozen), "units": len(self.units)}
