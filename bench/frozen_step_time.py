@@ -31,8 +31,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from safefreeze.core.policy import lowest_blocks  # noqa: E402
-from safefreeze.core.units import find_units  # noqa: E402
+from safefreeze.core.units import freeze_bottom_blocks  # noqa: E402
 from safefreeze.training.build import adamw, prepare  # noqa: E402
 from safefreeze.training.config import TrainConfig  # noqa: E402
 from safefreeze.training.data import Collator, epoch_order, iterate_batches  # noqa: E402
@@ -43,11 +42,7 @@ OUT = Path(__file__).resolve().parent / "frontier"
 def frozen_copy(model: torch.nn.Module, blocks: int) -> torch.nn.Module:
     """A copy of ``model`` whose bottom ``blocks`` blocks' adapters take no gradient."""
     model = copy.deepcopy(model)
-    units = find_units(model)
-    frozen = set(lowest_blocks(units, blocks))
-    for unit in (u for u in units if u.name in frozen):
-        for parameter in unit.parameters():
-            parameter.requires_grad_(False)
+    freeze_bottom_blocks(model, blocks)
     return model
 
 

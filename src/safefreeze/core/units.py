@@ -109,6 +109,16 @@ def adapter_parameters(module: nn.Module) -> list[nn.Parameter]:
     return [p for name, p in module.named_parameters() if not name.startswith("base_layer")]
 
 
+def freeze_bottom_blocks(model: nn.Module, blocks: int) -> list[nn.Parameter]:
+    """Stop the gradient of every adapter unit in the bottom ``blocks`` blocks, as a frozen prefix of that depth
+    trains (a forecast or a bench of it, not a run's decision: no optimizer state is touched); the parameters
+    this froze, so a caller can thaw them."""
+    frozen = [p for unit in find_units(model) if unit.block < blocks for p in unit.parameters() if p.requires_grad]
+    for parameter in frozen:
+        parameter.requires_grad_(False)
+    return frozen
+
+
 def find_stacks(model: nn.Module) -> dict[str, nn.ModuleList]:
     """The model's transformer block stacks by module name, from its structure, outermost first.
 

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from safefreeze.core.config import ConfigError
-from safefreeze.core.units import find_units
+from safefreeze.core.units import freeze_bottom_blocks
 from safefreeze.memory.budget import BlockCosts, format_size, measure_block_costs
 from safefreeze.memory.plan import ActivationPlan
 from safefreeze.memory.predict import StepMemory, step_memory
@@ -59,14 +59,6 @@ class Row:
     label: str
     checkpointed: tuple[int, ...]
     memory: StepMemory
-
-
-def _frozen_below(model: nn.Module, blocks: int) -> list[torch.Tensor]:
-    """Freeze every adapter unit of the bottom ``blocks`` blocks; the parameters this froze."""
-    frozen = [p for unit in find_units(model) if unit.block < blocks for p in unit.parameters() if p.requires_grad]
-    for parameter in frozen:
-        parameter.requires_grad_(False)
-    return frozen
 
 
 def _span(blocks: tuple[int, ...]) -> str:
@@ -109,7 +101,7 @@ def forecast(
     plan = ActivationPlan("auto", memory_budget=memory_budget, costs=costs) if memory_budget else None
     under = f"under {format_size(memory_budget, round_up=False)}" if memory_budget else ""
     for k in (0, *frozen):
-        thawed = _frozen_below(model, k)
+        thawed = freeze_bottom_blocks(model, k)
         try:
             if k:
                 prediction = step_memory(model, optimizer, *costs.step_peak((), k))
