@@ -15,6 +15,8 @@ freezes the bottom k blocks at step t of T then costs ``t/T + (1 − t/T) · r_k
 (BENCHMARKS.md, "Long runs"). Written to ``bench/frontier/<tag>-step-time.csv``.
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/frozen_step_time.py --dataset trec --steps 40
+    OMP_NUM_THREADS=1 .venv/bin/python bench/frozen_step_time.py --model smollm2 --dataset speeches --batch-size 4 \
+        --max-length 64 --target-modules all-linear --blocks 0 10 15 20 --steps 20
 """
 
 from __future__ import annotations
@@ -56,6 +58,8 @@ def main() -> None:
     parser.add_argument("--model", default="minilm")
     parser.add_argument("--dataset", default="trec")
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--max-length", type=int, default=None, help="as the frontier's --max-length")
+    parser.add_argument("--target-modules", default=None, help="as the frontier's --target-modules")
     parser.add_argument("--blocks", type=int, nargs="+", default=[0, 1, 2, 3, 4, 5], help="k of each arm")
     parser.add_argument("--steps", type=int, default=40, help="timed steps per arm (after one untimed)")
     parser.add_argument("--tag", default=None, help="results name (default: model-dataset-bBATCH)")
@@ -65,7 +69,14 @@ def main() -> None:
     if 0 not in args.blocks:
         parser.error("--blocks must include 0: LoRA, the arm every ratio is taken to")
 
-    config = TrainConfig(model=args.model, dataset=args.dataset, batch_size=args.batch_size, method="lora")
+    config = TrainConfig(
+        model=args.model,
+        dataset=args.dataset,
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+        target_modules=args.target_modules,
+        method="lora",
+    )
     task, tokenizer, examples, _, lora = prepare(config)
     arms = {k: frozen_copy(lora.train(), k) for k in args.blocks}
     optimizers = {k: adamw(config, model) for k, model in arms.items()}

@@ -12,8 +12,8 @@ README's long-run rows are read from. Per point of the grid (cell k@t, or a rule
   its 25th–75th percentiles read the same way (rules freeze along the run: no time is given);
 - for a cell that freezes late (t > 0): the best that freezing from step 0 (``layers_to_transform``,
   the t = 0 cells) reaches at the same activation memory, read linearly between the t = 0 cells
-  around it, and the late cell's advantage over it (in points of the score; positive: learning
-  then freezing wins).
+  around it, and the late cell's advantage over it (in points of accuracy, or % of LoRA's
+  perplexity; positive: learning then freezing wins). A task without a step-time file has no time.
 
     .venv/bin/python bench/long_runs.py
 """
@@ -30,8 +30,8 @@ from safefreeze.core.config import bottom_defaults
 from safefreeze.core.policy import bottom_blocks
 
 HERE = Path(__file__).resolve().parent / "frontier"
-TASKS = {"TREC": "minilm-trec-n2000-b16", "movies": "minilm-movies-n2000-b16"}
-BLOCKS = 6  # MiniLM's
+TASKS = {"TREC": "minilm-trec-n2000-b16", "movies": "minilm-movies-n2000-b16", "speeches": "smollm2-speeches-n1000-b4"}
+MODELS = {"minilm": ("encoder", 6), "smollm2": ("decoder", 30)}  # each model's kind and blocks
 SAME_MEMORY = 0.005  # activation memory ratios this close are the same saving (k3@t0 0.486, k4@t500 0.485)
 FIELDS = (
     "task", "name", "k", "t", "steps", "metric", "score", "delta", "spread", "seeds", "memory", "flops", "time",
@@ -45,9 +45,11 @@ def read(path: Path) -> list[dict]:
 
 
 def step_times(tag: str) -> dict[int, dict]:
-    """r_k and its quartiles by k, from the step-time file of the tag's model, dataset and batch."""
+    """r_k and its quartiles by k, from the step-time file of the tag's model, dataset and batch (none: no times)."""
     model, dataset, _, batch = tag.split("-")
     path = HERE / f"{model}-{dataset}-{batch}-step-time.csv"
+    if not path.exists():
+        return {}
     return {int(row["k"]): {key: float(row[key]) for key in ("time", "time_p25", "time_p75")} for row in read(path)}
 
 
@@ -58,12 +60,15 @@ def points_of(task: str, tag: str) -> list[dict]:
     for row in read(HERE / f"{tag}-mean.csv"):
         point = {key: row[key] for key in ("name", "k", "t", "metric")}
         point.update({key: float(row[key]) for key in ("score", "delta", "spread", "memory", "flops")})
-        point.update(task=task, steps=steps, seeds=int(row["seeds"]))
+        point.update(task=task, model=tag.split("-")[0], steps=steps, seeds=int(row["seeds"]))
         if row["k"] != "":
             k, share = int(row["k"]), int(row["t"]) / steps
             for key in ("time", "time_p25", "time_p75"):
                 point[key] = share + (1 - share) * times[k][key] if k in times else None
         points.append(point)
+    lora = next(p for p in points if p["k"] == "0")
+    for point in points:  # Δ as shown: points of accuracy, or % of LoRA's perplexity
+        point["scale"] = 100 / lora["score"] if point["metric"] in LOWER_IS_BETTER else 100
     from_start = frontier([p for p in points if p["k"] != "" and int(p["t"]) == 0])
     for point in points:
         if point["k"] != "" and int(point["t"]) > 0:
@@ -83,12 +88,13 @@ def label(point: dict) -> str:
     if point["k"] == "":
         return point["name"]
     k, t = int(point["k"]), int(point["t"])
-    share, at = bottom_defaults("encoder", point["steps"])
-    default = " — **SAFE default**" if (k, t) == (bottom_blocks(share, BLOCKS), round(at * point["steps"])) else ""
+    kind, blocks = MODELS[point["model"]]
+    share, at = bottom_defaults(kind, point["steps"])
+    default = " — **SAFE default**" if (k, t) == (bottom_blocks(share, blocks), round(at * point["steps"])) else ""
     if k == 0:
         return "LoRA"
     if t == 0:
-        return f"`layers_to_transform`, top {BLOCKS - k} of {BLOCKS}{default}"
+        return f"`layers_to_transform`, top {blocks - k} of {blocks}{default}"
     return f"{k} blocks learn, frozen at step {t:,} ({t / point['steps']:.0%}){default}"
 
 
@@ -100,17 +106,18 @@ def _number(value, digits: int = 3, scale: float = 1.0, signed: bool = False) ->
 
 def markdown(points: list[dict]) -> str:
     lines = [
-        "| task | point (`name`) | what users know it as | Δ (points) | ± seeds | seeds | act. memory | FLOPs "
-        "| time (p25–p75) | from step 0 at that memory | learn-then-freeze advantage |",
+        "| task | point (`name`) | what users know it as | Δ (points; % of perplexity) | ± seeds | seeds "
+        "| act. memory | FLOPs | time (p25–p75) | from step 0 at that memory | learn-then-freeze advantage |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for p in points:
         time = "—" if p.get("time") is None else f"{p['time']:.3f} ({p['time_p25']:.2f}–{p['time_p75']:.2f})"
-        spread = _number(p["spread"], 2, 100) if p["seeds"] > 1 else "—"
+        scale = p["scale"]
+        spread = _number(p["spread"], 2, scale) if p["seeds"] > 1 else "—"
         lines.append(
-            f"| {p['task']} | `{p['name']}` | {label(p)} | {_number(p['delta'], 2, 100, True)} | {spread} | "
+            f"| {p['task']} | `{p['name']}` | {label(p)} | {_number(p['delta'], 2, scale, True)} | {spread} | "
             f"{p['seeds']} | {p['memory']:.3f} | {p['flops']:.3f} | {time} | "
-            f"{_number(p.get('t0_at_same_memory'), 2, 100, True)} | {_number(p.get('advantage'), 2, 100, True)} |"
+            f"{_number(p.get('t0_at_same_memory'), 2, scale, True)} | {_number(p.get('advantage'), 2, scale, True)} |"
         )
     return "\n".join(lines)
 
