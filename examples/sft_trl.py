@@ -13,6 +13,7 @@ found no instruction set shipped inside a PyPI package to use instead).
     python examples/sft_trl.py --max-steps 60 --no-safe          # the same run without SAFE
     python examples/sft_trl.py --bf16 --gradient-checkpointing --grad-accum 4
     python examples/sft_trl.py --load-in-4bit                     # QLoRA (needs bitsandbytes)
+    python examples/sft_trl.py --gradient-checkpointing --bottom-at 0.5  # learn half the run, then freeze
     python examples/sft_trl.py --model path/to/model.gguf         # any model export_model takes
 
 With SAFE's defaults the adapters of the bottom fifteenth of SmolLM2's 30 blocks (2) freeze before
@@ -61,6 +62,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--tau", type=float, default=None, help="SAFE's final freezing threshold (default: SafeConfig's)"
     )
     parser.add_argument("--policy", default=None, help="which units SAFE freezes (default: SafeConfig's, bottom)")
+    parser.add_argument(
+        "--bottom-at",
+        type=float,
+        default=None,
+        help="when the bottom blocks freeze, as a share of the run: 0 before the first step, 0.5 after every adapter "
+        "trained half the run (default: SafeConfig's, auto)",
+    )
     parser.add_argument("--no-safe", action="store_true", help="train plain LoRA, without the callback")
     return parser.parse_args(argv)
 
@@ -103,7 +111,8 @@ def run(args: argparse.Namespace, callbacks_before: list | None = None) -> SFTTr
         model_init_kwargs={"quantization_config": quantization} if quantization else None,
     )
     lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
-    safe = SafeConfig(**{name: value for name in ("tau", "policy") if (value := getattr(args, name)) is not None})
+    given = {name: getattr(args, name) for name in ("tau", "policy", "bottom_at")}
+    safe = SafeConfig(**{name: value for name, value in given.items() if value is not None})
     callbacks = [] if args.no_safe else [SafeCallback(safe)]  # <- the one line
     trainer = SFTTrainer(
         model=str(model_folder(args.model, Path(args.model_dir))),

@@ -129,22 +129,26 @@ class RerunRecorder(StepRecorder):
 CHECKPOINTED_STEPS = 4
 
 
-def test_sft_trainer_checkpointing_neither_stores_nor_recomputes_the_frozen_block(tiny_gguf, tmp_path):
+@pytest.mark.parametrize("frozen_after", [0, 2], ids=["frozen_from_the_start", "frozen_after_half_the_run"])
+def test_sft_trainer_checkpointing_neither_stores_nor_recomputes_the_frozen_block(tiny_gguf, tmp_path, frozen_after):
     """TRL checkpoints every block and keeps each in backward (its input-require-grads hook); SAFE's defaults freeze
-    block 0 before the first step, so the callback must take that over: block 0 stores nothing and is not recomputed
-    while block 1 stays checkpointed. The plain run, recorded the same way, must show block 0 stored and recomputed,
-    or the recorder would be blind to what the SAFE run is said not to do."""
+    block 0 before the first step (``bottom_at`` 0.5: after step 2 of 4, as a long run's default does later), so the
+    callback must take that over: from the freeze on block 0 stores nothing and is not recomputed while block 1
+    stays checkpointed; before a late freeze block 0 is checkpointed like block 1 and trains. The plain run, recorded
+    the same way, must show block 0 stored and recomputed, or the recorder would be blind to what the SAFE run is
+    said not to do."""
     example = _example()
     common = ["--model", str(tiny_gguf), "--model-dir", str(tmp_path / "model")]
     common += ["--max-steps", str(CHECKPOINTED_STEPS), "--examples", "64", "--batch-size", "4", "--logging-steps", "1"]
     common += ["--max-length", "256", "--gradient-checkpointing"]
+    late = ["--bottom-at", str(frozen_after / CHECKPOINTED_STEPS)] if frozen_after else []
     recorders = {"plain": RerunRecorder(), "safe": RerunRecorder()}
     plain = example.run(
         example.parse_args([*common, "--out", str(tmp_path / "lora"), "--no-safe"]),
         callbacks_before=[recorders["plain"]],
     )
     safe = example.run(
-        example.parse_args([*common, "--out", str(tmp_path / "safe")]), callbacks_before=[recorders["safe"]]
+        example.parse_args([*common, *late, "--out", str(tmp_path / "safe")]), callbacks_before=[recorders["safe"]]
     )
 
     steps = list(range(1, CHECKPOINTED_STEPS + 1))
@@ -153,7 +157,7 @@ def test_sft_trainer_checkpointing_neither_stores_nor_recomputes_the_frozen_bloc
         assert [record["step"] for record in records] == steps
         assert all(record["grad_norm"] > 0 for record in records)
     freezer = next(c for c in safe.callback_handler.callbacks if type(c).__name__ == "SafeCallback").freezer
-    assert freezer.frozen == {"block.0": 0}
+    assert freezer.frozen == {"block.0": frozen_after}
     for name, trainer in (("plain", plain), ("safe", safe)):
         recorder = recorders[name]
         assert sorted(recorder.saved) == sorted(recorder.rerun) == steps
@@ -165,14 +169,19 @@ def test_sft_trainer_checkpointing_neither_stores_nor_recomputes_the_frozen_bloc
                 assert recorder.hooks[step], step
                 assert saved.count_by_scope.get("block.0", 0) > 0, step
                 assert recorder.rerun[step] == {0, 1}, step
+                continue
+            assert recorder.hooks[step] == [], step
+            if step <= frozen_after:  # block 0 trains: checkpointed, its input kept and the block recomputed
+                assert saved.count_by_scope.get("block.0", 0) > 0, step
+                assert recorder.rerun[step] == {0, 1}, step
             else:
-                assert recorder.hooks[step] == [], step
                 assert saved.count_by_scope.get("block.0", 0) == 0, step
                 assert recorder.rerun[step] == {1}, step
                 assert saved.recomputed_count_by_scope.keys() == {"block.1"}, step
     assert input_require_grads_hooks(safe.model) == []
-    for trainer in (plain, safe):  # block 1's adapters trained in both runs, block 0's only without SAFE
+    for trainer in (plain, safe):  # block 1's adapters trained in both runs, block 0's unless frozen from the start
         lora_b = {name: p for name, p in trainer.model.named_parameters() if "lora_B" in name}
         assert len(lora_b) == 4
         for name, p in lora_b.items():
-            assert bool(p.abs().sum() > 0) is (trainer is plain or ".layers.1." in name), name
+            trained = trainer is plain or ".layers.1." in name or frozen_after > 0
+            assert bool(p.abs().sum() > 0) is trained, name
