@@ -34,13 +34,24 @@ measure ``lora`` as it comes; ``--check-steps`` trains the first steps of ``lora
 callback, with ``StepMeter`` and with that callback, and compares losses and peaks.
 
 Per arm and seed: the largest step peak (MiB), mean seconds per step from step 2 on (measuring
-included: the tracker slows every step, so the ratios say more than the seconds), the eval loss
+included: the tracker slows every step, so the ratios say more than the seconds; ``--time-rounds``
+times the arms without it, below), the eval loss
 on a held-out slice (the first ``--eval-examples`` of trec-chat's test split), frozen blocks,
 checkpointed blocks above the frozen prefix, and blocks whose adapters trained (a ``lora_B``
 off 0). Each arm's result is kept in bench/results/sft_path/<tag>/ and reused on a rerun;
 the summary goes to bench/sft_path/<tag>.csv.
 
+Step time as a user's steps take it: ``--time-rounds R`` trains ``lora``, ``lora-no-ckpt``, ``lora-top``
+and ``safe`` for ``--time-steps`` steps each, R rounds, the arms' order rotating each round, with no
+tracker and no FLOP counter; a step's seconds are from ``on_step_begin`` to ``on_step_end``. The
+``safe`` arm here freezes the same bottom blocks as ``lora-top`` leaves without adapters, before the
+first step (``bottom_at`` 0): the time of a run's frozen part, which a late freeze (``bottom_at`` t/T)
+reaches after its first t steps. Per arm: the median step, and per round the ratio of medians to
+``lora``'s of that round; the median ratio and its range over rounds go to ``<tag>-time.csv``.
+
     OMP_NUM_THREADS=1 .venv/bin/python bench/sft_path.py --steps 40 --batch-size 4 --max-length 128 --seeds 0
+    OMP_NUM_THREADS=1 .venv/bin/python bench/sft_path.py --steps 40 --batch-size 4 --max-length 128 --seeds 0 \
+        --arms --check-steps 0 --static-frozen 10 --time-rounds 3 --time-steps 12
 """
 
 from __future__ import annotations
@@ -72,6 +83,7 @@ from safefreeze.memory.tracker import StepTracker  # noqa: E402
 ROOT = Path(__file__).parents[1]
 EXAMPLE = ROOT / "examples" / "sft_trl.py"
 ARMS = ("lora", "lora-no-ckpt", "lora-top", "safe", "safe-budget")
+TIMED_ARMS = ("lora", "lora-no-ckpt", "lora-top", "safe")  # --time-rounds: safe-budget needs lora's peak first
 BUDGET_SHARE = 0.6  # safe-budget's memory_budget, as a share of lora's measured peak
 LEARNING_RATE = 1e-3  # the example's
 LLAMA_BLOCK_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]  # all-linear's
@@ -138,7 +150,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--examples", type=int, default=1000, help="train on the first N instructions")
     parser.add_argument("--eval-examples", type=int, default=128, help="held-out instructions (test split)")
     parser.add_argument("--bf16", action="store_true", help="TRL's default precision (the example's is fp32)")
-    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
+    parser.add_argument("--arms", nargs="*", default=list(ARMS), choices=ARMS, help="none: only --time-rounds")
     parser.add_argument(
         "--static-frozen",
         type=int,
@@ -155,6 +167,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--check-steps", type=int, default=3, help="first steps of lora compared without callback, measured (0: skip)"
     )
+    parser.add_argument(
+        "--time-rounds", type=int, default=0, help="time the arms with no tracker, this many rounds (0: skip)"
+    )
+    parser.add_argument("--time-steps", type=int, default=12, help="steps per arm and round of --time-rounds")
     parser.add_argument("--results", default="bench/results/sft_path", help="per-arm results, reused on a rerun")
     parser.add_argument(
         "--tag", default=None, help="results name (default: from the settings, e.g. smollm2-steps40-...)"
@@ -300,6 +316,42 @@ def check_measuring(args, seed: int, data: dict, out: Path) -> dict:
     return found
 
 
+def time_arms(args, seed: int, data: dict, out: Path) -> list[dict]:
+    """Each timed arm's median step per round (module docstring), the tracker off; one row per arm."""
+    blocks = json.loads((Path(data["model"]) / "config.json").read_text())["num_hidden_layers"]
+    frozen = blocks - len(top_layers(args, data["model"]))  # lora-top's bottom blocks without adapters
+    seconds: dict[str, list[float]] = {arm: [] for arm in TIMED_ARMS}
+    order = list(TIMED_ARMS)
+    for round_ in range(args.time_rounds):
+        order = order[1:] + order[:1]  # each arm in each place in turn
+        for arm in order:
+            meter = StepMeter(measure=False)
+            safe = SafeCallback(SafeConfig(bottom_share=frozen / blocks, bottom_at=0)) if arm == "safe" else None
+            trainer = build_trainer(args, arm, seed, data, [c for c in (safe, meter) if c], out / arm, args.time_steps)
+            trainer.train()
+            if safe is not None and safe.freezer.frozen_prefix() != frozen:
+                raise RuntimeError(f"safe froze {safe.freezer.frozen_prefix()} bottom blocks, not {frozen}")
+            seconds[arm].append(statistics.median(meter.seconds[1:]))  # step 1 warms up
+            print(f"round {round_ + 1}/{args.time_rounds} {arm}: {seconds[arm][-1]:.2f} s/step", flush=True)
+    rows = []
+    for arm in TIMED_ARMS:
+        ratios = [mine / base for mine, base in zip(seconds[arm], seconds["lora"], strict=True)]
+        rows.append(
+            {
+                "arm": arm,
+                "frozen_blocks": frozen if arm in ("lora-top", "safe") else 0,
+                "rounds": args.time_rounds,
+                "steps": args.time_steps,
+                "sec_per_step_median": statistics.median(seconds[arm]),
+                "time_ratio": statistics.median(ratios),
+                "ratio_min": min(ratios),
+                "ratio_max": max(ratios),
+                "ratios": " ".join(f"{ratio:.3f}" for ratio in ratios),
+            }
+        )
+    return rows
+
+
 def cached(path: Path, compute) -> dict:
     """The JSON at ``path`` if a run wrote it, else ``compute()`` written there."""
     if path.exists():
@@ -308,6 +360,24 @@ def cached(path: Path, compute) -> dict:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1))
     return result
+
+
+def write_times(tag: str, rows: list[dict]) -> None:
+    """``<tag>-time.csv`` and its table."""
+    path = ROOT / "bench" / "sft_path" / f"{tag}-time.csv"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    print(f"\n{tag}, tracker off ({path.relative_to(ROOT)})\n")
+    print("| arm | frozen blocks | s/step (median) | x lora (median of rounds) | range |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r['arm']} | {r['frozen_blocks']} | {r['sec_per_step_median']:.2f} | {r['time_ratio']:.3f} "
+            f"| {r['ratio_min']:.3f}–{r['ratio_max']:.3f} |"
+        )
 
 
 def fmt(value, digits: int = 1) -> str:
@@ -353,6 +423,10 @@ def main() -> None:
                     ratio[out] = result[key] / base[key]
             rows.append({**{k: result.get(k) for k in COLUMNS}, "tag": tag, **ratio})
 
+    if args.time_rounds:
+        write_times(tag, time_arms(args, args.seeds[0], data, results / "timed"))
+    if not rows:
+        return
     csv_path = ROOT / "bench" / "sft_path" / f"{tag}.csv"
     csv_path.parent.mkdir(parents=True, exist_ok=True)
     with csv_path.open("w", newline="") as handle:
