@@ -326,7 +326,8 @@ def time_arms(args, seed: int, data: dict, out: Path) -> list[dict]:
         order = order[1:] + order[:1]  # each arm in each place in turn
         for arm in order:
             meter = StepMeter(measure=False)
-            safe = SafeCallback(SafeConfig(bottom_share=frozen / blocks, bottom_at=0)) if arm == "safe" else None
+            config = SafeConfig(bottom_share=frozen / blocks, bottom_at=0, min_trainable=1)  # all of lora-top's
+            safe = SafeCallback(config) if arm == "safe" else None
             trainer = build_trainer(args, arm, seed, data, [c for c in (safe, meter) if c], out / arm, args.time_steps)
             trainer.train()
             if safe is not None and safe.freezer.frozen_prefix() != frozen:
