@@ -12,6 +12,8 @@ from safefreeze.core.config import (
     SafeConfig,
 )
 from safefreeze.core.freezer import SafeFreezer
+from safefreeze.core.policy import bottom_plan
+from safefreeze.core.units import find_units
 from safefreeze.training.models import add_lora
 
 
@@ -142,13 +144,19 @@ def test_the_default_learns_then_freezes_on_an_encoders_long_run(lora_minilm, ti
 
 
 def test_auto_min_trainable_keeps_a_share_of_a_decoder_and_one_unit_of_an_encoder(lora_minilm, tiny_llama):
-    """On a decoder the top DECODER_TRAINABLE_SHARE of the units (rounded up) never freeze; on an encoder one."""
+    """Under a scored policy on a decoder the top DECODER_TRAINABLE_SHARE of the units (rounded up) never freeze; on
+    an encoder one. The bottom policy's share is its own bound: bottom_share 4/5 of a decoder freezes 4 of 5 blocks
+    (a silent cap at half would train blocks the user asked to freeze)."""
     decoder = add_lora(tiny_llama(num_hidden_layers=5), "causal_lm", 4, 8, 0.0)
     assert SafeConfig().min_trainable == AUTO
-    assert SafeConfig().for_model(decoder).min_trainable == math.ceil(DECODER_TRAINABLE_SHARE * 5)
-    assert SafeConfig(granularity="module").for_model(decoder).min_trainable == math.ceil(
+    assert SafeConfig(tau=0.2).for_model(decoder).min_trainable == math.ceil(DECODER_TRAINABLE_SHARE * 5)
+    assert SafeConfig(tau=0.2, granularity="module").for_model(decoder).min_trainable == math.ceil(
         DECODER_TRAINABLE_SHARE * 5 * 2  # PEFT's default LoRA on Llama: q_proj and v_proj in each block
     )
+    assert SafeConfig().for_model(decoder).min_trainable == 1
+    units = find_units(decoder)
+    config = SafeConfig(bottom_share=4 / 5).for_model(decoder)
+    assert bottom_plan(units, config.bottom_share, config.min_trainable) == [f"block.{i}" for i in range(4)]
     assert SafeConfig().for_model(lora_minilm()).min_trainable == 1
     assert SafeConfig(min_trainable=0).for_model(decoder).min_trainable == 0  # a number is kept
     with pytest.raises(ConfigError, match="min_trainable must be an integer >= 0 or 'auto'"):

@@ -126,8 +126,9 @@ class SafeConfig:
     min_trainable: int | str = field(
         default=AUTO,
         metadata={
-            "help": f"this many units always stay trainable; '{AUTO}': 1 on an encoder, on a decoder-only LM the "
-            f"top {DECODER_TRAINABLE_SHARE:g} of its units (rounded up), which bounds the frozen prefix"
+            "help": f"this many units always stay trainable; '{AUTO}': 1, and under a scored policy on a decoder-only "
+            f"LM the top {DECODER_TRAINABLE_SHARE:g} of its units (rounded up), which bounds the frozen prefix (the "
+            "bottom policy's share says itself how many freeze)"
         },
     )
     schedule: str = field(
@@ -278,8 +279,9 @@ class SafeConfig:
 
         ``policy`` ``auto`` is ``bottom`` unless scored settings are given; then a decoder-only LM
         (``units.is_decoder_only`` of ``model.config``, or ``model_kind="decoder"``) gets ``prefix`` and an
-        encoder ``threshold``. A decoder keeps ``DECODER_TRAINABLE_SHARE`` of its units (of ``granularity``, found
-        on ``model``) trainable, anything else one. ``tau`` comes from ``DEFAULT_TAU`` for a scored policy and is
+        encoder ``threshold``. A decoder under a scored policy keeps ``DECODER_TRAINABLE_SHARE`` of its units (of
+        ``granularity``, found on ``model``) trainable, anything else one (the ``bottom`` share is its own bound).
+        ``tau`` comes from ``DEFAULT_TAU`` for a scored policy and is
         None under ``bottom`` (nothing is compared with it); ``bottom_share`` and ``bottom_at`` from
         ``bottom_defaults`` under ``bottom`` and None otherwise. The cadence and smoothing stay ``auto``: they depend
         on the warm-up (``resolve``).
@@ -300,8 +302,8 @@ class SafeConfig:
                     f"drop {name}, or set policy 'bottom' without the scored settings"
                 )
         min_trainable = self.min_trainable
-        if min_trainable == AUTO:
-            units = len(find_units(model, self.granularity)) if decoder else 0
+        if min_trainable == AUTO:  # the bottom policy's share is itself the bound: bottom_share 2/3 freezes 2/3
+            units = len(find_units(model, self.granularity)) if decoder and policy != "bottom" else 0
             min_trainable = max(1, math.ceil(DECODER_TRAINABLE_SHARE * units))
         if policy == "bottom":
             tau = None
