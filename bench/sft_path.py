@@ -218,12 +218,19 @@ def build_trainer(args, arm: str, seed: int, data: dict, callbacks: list, out: P
     )
 
 
-def top_layers(args, model_folder: Path) -> list[int]:
-    """The blocks ``lora-top`` adapts: all but the bottom ``--static-frozen`` (default: the default rule's count)."""
+def static_split(args, model_folder: Path) -> tuple[int, int]:
+    """(bottom blocks ``lora-top`` leaves without adapters, the model's blocks): ``--static-frozen``, by default the
+    default rule's count."""
     blocks = json.loads((Path(model_folder) / "config.json").read_text())["num_hidden_layers"]
     frozen = args.static_frozen
     if frozen is None:
         frozen = bottom_blocks(DEFAULT_BOTTOM_SHARE["decoder"], blocks)
+    return frozen, blocks
+
+
+def top_layers(args, model_folder: Path) -> list[int]:
+    """The blocks ``lora-top`` adapts: all but the bottom ``static_split`` ones."""
+    frozen, blocks = static_split(args, model_folder)
     return list(range(frozen, blocks))
 
 
@@ -257,7 +264,7 @@ def run_arm(args, arm: str, seed: int, data: dict, out: Path, budget_mib: float 
         frozen, checkpointed = safe.freezer.frozen_prefix(), len(safe.session.checkpointed_blocks())
     else:
         peaks, predicted = [p / MIB for p in meter.peaks], []
-        frozen = len(find_blocks(trainer.model)) - len(top_layers(args, data["model"])) if arm == "lora-top" else 0
+        frozen = static_split(args, data["model"])[0] if arm == "lora-top" else 0
         checkpointed = len(checkpointed_blocks(trainer.model))
     train_seconds = time.perf_counter() - started
     eval_loss = trainer.evaluate()["eval_loss"]
@@ -318,16 +325,16 @@ def check_measuring(args, seed: int, data: dict, out: Path) -> dict:
 
 def time_arms(args, seed: int, data: dict, out: Path) -> list[dict]:
     """Each timed arm's median step per round (module docstring), the tracker off; one row per arm."""
-    blocks = json.loads((Path(data["model"]) / "config.json").read_text())["num_hidden_layers"]
-    frozen = blocks - len(top_layers(args, data["model"]))  # lora-top's bottom blocks without adapters
+    frozen, blocks = static_split(args, data["model"])
     seconds: dict[str, list[float]] = {arm: [] for arm in TIMED_ARMS}
     order = list(TIMED_ARMS)
     for round_ in range(args.time_rounds):
         order = order[1:] + order[:1]  # each arm in each place in turn
         for arm in order:
             meter = StepMeter(measure=False)
-            config = SafeConfig(bottom_share=frozen / blocks, bottom_at=0, min_trainable=1)  # all of lora-top's
-            safe = SafeCallback(config) if arm == "safe" else None
+            safe = None
+            if arm == "safe":  # lora-top's bottom blocks, frozen before the first step (checked below)
+                safe = SafeCallback(SafeConfig(bottom_share=frozen / blocks, bottom_at=0))
             trainer = build_trainer(args, arm, seed, data, [c for c in (safe, meter) if c], out / arm, args.time_steps)
             trainer.train()
             if safe is not None and safe.freezer.frozen_prefix() != frozen:
